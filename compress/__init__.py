@@ -1,0 +1,1 @@
+"""Layer sparsity allocation (ECoFLaP, OWL), Wanda / N:M pruning, checkpoint writing."""

@@ -1,0 +1,1 @@
+"""Sparse prefill attention: Triton kernels, torch references, the CPU path, registration."""

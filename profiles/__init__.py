@@ -1,0 +1,1 @@
+"""Shipped sparsity profiles for known models (data)."""

@@ -1,0 +1,1 @@
+"""Attention capture, exact blockwise recall, per-head sparse-pattern search."""

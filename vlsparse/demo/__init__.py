@@ -1,0 +1,1 @@
+"""The embedded demo VLM: scene generator, tokenizer, processor, weights."""
