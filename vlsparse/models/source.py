@@ -9,6 +9,7 @@ from pathlib import Path
 from vlsparse.errors import ModelLoadError
 
 DEMO_NAMES = ("demo",)
+SMOLLM2_NAMES = ("smollm2",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -34,6 +35,10 @@ def resolve_model_folder(model: str | Path) -> Path:
         raise ModelLoadError("no model given", "pass a model folder, a hub id, or `demo`")
     if text in DEMO_NAMES:
         return demo_folder()
+    if text in SMOLLM2_NAMES and not Path(text).exists():
+        from vlsparse.smollm import smollm2_folder
+
+        return smollm2_folder()
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
