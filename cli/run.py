@@ -30,16 +30,22 @@ Examples:
 """
 
 
-def summary_table(answer, model_name: str) -> Table:
-    table = Table(title=f"vlsparse run · {model_name}", show_header=False, title_justify="left")
+def summary_table(answer, model_name: str, attention: str, dense=None) -> Table:
+    title = f"vlsparse run · {model_name}"
+    table = Table(title=title, show_header=False, title_justify="left", min_width=len(title))
     table.add_column(style="bold")
     table.add_column(justify="right")
+    table.add_row("attention", attention)
     table.add_row("prompt tokens", f"{answer.prompt_tokens}")
     table.add_row("  of which image tokens", f"{answer.image_tokens}")
     table.add_row("new tokens", f"{answer.new_tokens}")
     table.add_row("prefill", f"{answer.prefill_ms:.1f} ms")
     table.add_row("decode", f"{answer.decode_tokens_per_s:.1f} tokens/s")
     table.add_row(answer.memory_kind, f"{answer.peak_memory_mb:.0f} MiB")
+    if dense is not None:
+        table.add_row("dense prefill", f"{dense.prefill_ms:.1f} ms")
+        table.add_row("prefill speedup", f"{dense.prefill_ms / max(answer.prefill_ms, 1e-9):.2f}x")
+        table.add_row("same answer as dense", "yes" if dense.text == answer.text else f"no (dense: {dense.text!r})")
     return table
 
 
@@ -49,6 +55,12 @@ def run(
                                                 show_default=False)],
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.", min=1)] = 16,
+    profile: Annotated[Optional[Path], typer.Option(
+        "--profile", help="Sparsity profile (YAML). Default: vlsparse.yaml inside the model folder, if any.",
+        show_default=False)] = None,
+    dense_only: Annotated[bool, typer.Option("--dense", help="Ignore any profile: dense attention.")] = False,
+    compare: Annotated[bool, typer.Option("--compare", help="Also run dense; report prefill speedup.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="Sparse kernels: auto, triton or torch.")] = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
@@ -70,13 +82,44 @@ def run(
         loaded = load(model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code)
         batch = loaded.prepare(images, question)
+        profile_path = None if dense_only else (profile or find_profile(loaded.path))
+        dense = generate_answer(loaded, batch, max_new_tokens) if compare and profile_path else None
+        runtime = attach_profile(loaded, profile_path, backend) if profile_path else None
         answer = generate_answer(loaded, batch, max_new_tokens=max_new_tokens)
+    attention = "dense" if runtime is None else _describe(runtime, profile_path)
     if json_out:
-        typer.echo(json.dumps({"model": loaded.name, **asdict(answer)}, indent=2))
+        extra = {"attention": attention, "profile": str(profile_path) if profile_path else None}
+        if dense is not None:
+            extra.update(dense_prefill_ms=dense.prefill_ms, prefill_speedup=dense.prefill_ms / answer.prefill_ms,
+                         dense_text=dense.text)
+        typer.echo(json.dumps({"model": loaded.name, **asdict(answer), **extra}, indent=2))
         return
     typer.echo(answer.text)
     if not quiet:
-        err.print(summary_table(answer, loaded.name))
+        err.print(summary_table(answer, loaded.name, attention, dense))
+
+
+def find_profile(model_folder: Path) -> Path | None:
+    """A checkpoint written by `vlsparse prune` carries its profile as vlsparse.yaml."""
+    candidate = Path(model_folder) / "vlsparse.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def attach_profile(loaded, profile_path: Path, backend: str):
+    from vlsparse.kernels.runtime import attach
+    from vlsparse.profile import load_profile
+
+    profile = load_profile(profile_path)
+    if profile.attention is None:
+        return None
+    return attach(loaded, profile, backend=backend)
+
+
+def _describe(runtime, profile_path: Path) -> str:
+    density = runtime.mean_density()
+    if density is None:
+        return f"sparse profile {profile_path.name} (prompt shorter than {runtime.min_len} tokens: dense)"
+    return f"sparse ({profile_path.name}), kept {density:.1%} of causal pairs"
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,156 @@
+"""The sparse runtime: a profile plugged into transformers' attention registry.
+
+``attach(loaded, profile)`` registers the attention function ``"vlsparse"``
+(``AttentionInterface.register``) and switches the model to it. No model
+forward is copied: transformers hands the function post-RoPE queries and keys
+(multimodal RoPE included for Qwen2-VL), K/V not repeated for GQA, and the
+module (``module.layer_idx`` picks the profile's layer).
+
+Per call: a language-layer **prefill** (query length = key length, no
+padding mask, causal, at least ``min_len`` tokens) follows the profile,
+building that layer's index lists from the input (``layer_index``) and
+running the sparse kernel of the chosen backend; everything else (decode
+steps, vision tower, short prompts, padded batches) runs dense SDPA. Image
+spans of the current prompt come from a forward pre-hook on the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlsparse.profile import Profile, check_profile_matches
+
+ATTENTION_NAME = "vlsparse"
+RUNTIME_ATTR = "vlsparse_runtime"
+
+
+@dataclass
+class LayerCall:
+    """What one sparse prefill call kept: tokens and kept fraction of causal pairs."""
+
+    layer: int
+    tokens: int
+    density: float
+
+
+@dataclass
+class SparseRuntime:
+    """State shared by the language layers of one model: the profile and the current prompt."""
+
+    profile: Profile
+    backend: str = "auto"
+    min_len: int = 512
+    enabled: bool = True
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    calls: list[LayerCall] = field(default_factory=list)
+
+    def heads(self, layer: int):
+        return self.profile.attention.layers[layer]
+
+    def mean_density(self) -> float | None:
+        """Token-weighted mean density over the sparse prefill calls so far (dense layers count 1)."""
+        if not self.calls:
+            return None
+        return sum(c.density for c in self.calls) / len(self.calls)
+
+
+def _dense(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _is_sparse_prefill(runtime: SparseRuntime, module, query, key, attention_mask) -> bool:
+    if not runtime.enabled or runtime.profile.attention is None:
+        return False
+    n = query.shape[2]
+    if n != key.shape[2] or n < max(runtime.min_len, 1) or not getattr(module, "is_causal", True):
+        return False
+    return attention_mask is None or _is_plain_causal(attention_mask, n)
+
+
+def _is_plain_causal(mask: torch.Tensor, n: int) -> bool:
+    """True if a 4-D mask is exactly causal (no padding): then the kernels' causality is the same."""
+    if mask.dim() != 4 or mask.shape[-1] != n or mask.shape[-2] != n:
+        return False
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    return bool((keep == causal).all())
+
+
+def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """Registered as ``"vlsparse"``: sparse prefill where the profile says so, SDPA elsewhere.
+
+    query: [B, H, N, D]; key, value: [B, Hkv, N, D]; returns ([B, N, H, D], None) like SDPA.
+    """
+    runtime: SparseRuntime | None = getattr(module, RUNTIME_ATTR, None)
+    layer = getattr(module, "layer_idx", None)
+    if runtime is None or layer is None or not _is_sparse_prefill(runtime, module, query, key, attention_mask):
+        return _dense(module, query, key, value, attention_mask, **kwargs)
+    from vlsparse.kernels.dispatch import sparse_attention
+    from vlsparse.kernels.indices import index_density, layer_index
+
+    heads = runtime.heads(layer)
+    n = query.shape[2]
+    scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    if all(h.pattern == "dense" for h in heads):
+        runtime.calls.append(LayerCall(layer, n, 1.0))
+        return _dense(module, query, key, value, attention_mask, **kwargs)
+    att = runtime.profile.attention
+    index = layer_index(heads, query, key, scale=scale, spans=runtime.spans, masks=runtime.profile.tensors,
+                        block_size=att.block_size, last_q=att.last_q)
+    runtime.calls.append(LayerCall(layer, n, float(index_density(index, n).mean())))
+    out = sparse_attention(query, key, value, index, scale, backend=runtime.backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    """Register ``"vlsparse"`` in transformers' attention registry (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, vlsparse_attention)
+
+
+def _span_hook(runtime: SparseRuntime, adapter):
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[-1] > 1:  # a prefill: remember where the images are
+            runtime.spans = [(s.start, s.end) for s in adapter.image_spans(kwargs)]
+        return None
+
+    return hook
+
+
+def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512) -> SparseRuntime:
+    """Make ``loaded.model`` run its language-layer prefills with ``profile``; returns the runtime.
+
+    Checks that the profile was made for this model (one-line ``ProfileError`` otherwise).
+    """
+    check_profile_matches(profile, loaded.adapter.fingerprint())
+    from vlsparse.kernels.dispatch import BACKENDS
+
+    if backend not in BACKENDS:
+        from vlsparse.errors import InputError
+
+        raise InputError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+    runtime = SparseRuntime(profile=profile, backend=backend, min_len=min_len)
+    register_attention()
+    for layer in loaded.adapter.lm_layers():
+        setattr(loaded.adapter.attention(layer), RUNTIME_ATTR, runtime)
+    loaded.model.set_attn_implementation(ATTENTION_NAME)
+    if loaded.adapter.is_vlm:
+        loaded.model.register_forward_pre_hook(_span_hook(runtime, loaded.adapter), with_kwargs=True)
+    return runtime
+
+
+def detach(loaded, runtime: SparseRuntime) -> None:
+    """Back to dense attention for this model (the hook stays but the runtime is disabled)."""
+    runtime.enabled = False
+    loaded.model.set_attn_implementation("sdpa")
+
+
+__all__: list[Any] = ["ATTENTION_NAME", "SparseRuntime", "attach", "detach", "register_attention",
+                      "vlsparse_attention"]
