@@ -1,0 +1,203 @@
+"""`vlsparse bench attention`: sparse prefill attention against dense causal SDPA, one run.
+
+For each length, pattern and target density, on random q/k/v ([1, heads, N, head_dim],
+fp32), side by side:
+
+- ``dense_ms``: ``F.scaled_dot_product_attention(is_causal=True)`` (measured once per length);
+- ``sparse_ms``: our CPU path (``vlsparse.kernels.cpu.sparse_attention_cpu``) on the lists;
+- ``flex_ms`` (``flex=True`` only): compiled ``flex_attention`` with the equivalent BlockMask
+  (the first call per length compiles for tens of seconds and is not timed);
+- ``lists_ms``: building the lists from the pattern's indices (vertical/slash sets or block
+  mask), which the runtime pays per layer; the online estimate is not included;
+- ``density``: kept fraction of causal query-key pairs; ``speedup`` = dense / sparse;
+  ``efficiency`` = speedup x density (1.0 = as fast per kept pair as dense);
+- ``max_abs_err``: against a dense masked fp32 reference on ``error_rows`` sampled rows
+  per head (all rows when N <= 2048).
+
+Timings are the median of ``repeats`` runs after one warm-up, on the wall clock or (``clock=
+"process"``, with one thread) on this process's CPU time, which a busy shared machine
+disturbs much less. Lists are synthetic, with
+the structure of each pattern: ``vertical_slash`` = 30 sink columns + random columns and
+100 nearest diagonals + random slashes (half the budget each), ``block_sparse`` = top
+share of random block scores, ``a_shape`` = 64 sink keys + a local window. Budgets are
+bisected until the density is within 10% of the target.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlsparse.kernels.cpu import flex_block_mask, flex_sparse_attention, sparse_attention_cpu
+from vlsparse.kernels.indices import (
+    SparseIndex,
+    a_shape_index,
+    block_mask_index,
+    index_density,
+    kept_keys,
+    num_blocks,
+    vertical_slash_index,
+)
+
+BENCH_PATTERNS = ("vertical_slash", "block_sparse", "a_shape")
+
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, clock: str = "wall") -> float:
+    """Median time of ``fn()`` in seconds, after ``warmup`` untimed calls.
+
+    ``clock="process"`` counts this process's CPU time: with one thread it ignores time spent
+    descheduled, which keeps ratios stable on a shared machine (with more threads it also counts
+    threads spinning at barriers)."""
+    now = CLOCKS[clock]
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = now()
+        fn()
+        times.append(now() - start)
+    return statistics.median(times)
+
+
+def synthetic_index(pattern: str, n: int, heads: int, budget: float, generator: torch.Generator,
+                    block_size: int = 64) -> tuple[SparseIndex, float]:
+    """Lists of one pattern with ``budget`` (a fraction of N or of causal blocks).
+
+    Returns (index [1, heads, ...], seconds spent converting indices to lists)."""
+    if pattern == "vertical_slash":
+        count = max(1, round(budget * n / 2))
+        sink, near = min(30, count), min(100, count)
+        vertical = torch.cat([torch.arange(sink).expand(heads, sink),
+                              torch.randint(0, n, (heads, count - sink), generator=generator)], 1)
+        slash = torch.cat([torch.arange(near).expand(heads, near),
+                           torch.randint(0, n, (heads, count - near), generator=generator)], 1)
+        start = time.perf_counter()
+        index = vertical_slash_index(vertical[None], slash[None], n, block_size)
+    elif pattern == "block_sparse":
+        nqb = num_blocks(n, block_size)
+        scores = torch.rand(1, heads, nqb, nqb, generator=generator)
+        qb = torch.arange(nqb)
+        scores = scores.masked_fill(qb[None, :] > qb[:, None], -1.0)
+        k_row = torch.ceil(budget * (qb + 1).float()).clamp(min=1)
+        rank = scores.argsort(-1, descending=True).argsort(-1)
+        start = time.perf_counter()
+        index = block_mask_index(rank < k_row[:, None], n, block_size)
+    elif pattern == "a_shape":
+        start = time.perf_counter()
+        index = a_shape_index(n, min(64, n), max(1, round(budget * n)), heads, block_size)
+    else:
+        raise ValueError(f"bench has no synthetic lists for pattern {pattern!r} (choose from {BENCH_PATTERNS})")
+    return index, time.perf_counter() - start
+
+
+def index_at_density(pattern: str, n: int, heads: int, density: float, seed: int = 0,
+                     block_size: int = 64) -> tuple[SparseIndex, float, float]:
+    """Bisect the pattern's budget until its density is within 10% of ``density``.
+
+    Returns (index, achieved density, seconds to build the lists once)."""
+    lo, hi = 0.0, 1.0
+    guess = {"vertical_slash": density / 2, "block_sparse": density, "a_shape": density / 2}[pattern]
+    best: tuple[SparseIndex, float, float] | None = None
+    for _ in range(12):
+        index, seconds = synthetic_index(pattern, n, heads, guess, torch.Generator().manual_seed(seed), block_size)
+        got = float(index_density(index, n).mean())
+        if best is None or abs(got - density) < abs(best[1] - density):
+            best = (index, got, seconds)
+        if abs(got - density) <= 0.1 * density:
+            break
+        lo, hi = (guess, hi) if got < density else (lo, guess)
+        guess = (lo + hi) / 2
+    assert best is not None
+    return best
+
+
+def sampled_error(q: Tensor, k: Tensor, v: Tensor, out: Tensor, index: SparseIndex, scale: float,
+                  rows: Tensor) -> float:
+    """max |out - reference| over query ``rows`` (all heads); fp32 dense masked reference."""
+    n = q.shape[2]
+    group = q.shape[1] // k.shape[1]
+    kept = kept_keys(index.expand(q.shape[0]), n)[:, :, rows // index.block_size]  # [B, H, R, N]
+    mask = kept & (torch.arange(n)[None, :] <= rows[:, None])
+    kk = k.float().repeat_interleave(group, 1)
+    vv = v.float().repeat_interleave(group, 1)
+    scores = torch.matmul(q[:, :, rows].float(), kk.transpose(-1, -2)) * scale
+    ref = torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(-1), vv)
+    return float((out[:, :, rows].float() - ref).abs().max())
+
+
+def bench_attention(seqs: Sequence[int] = (4096, 8192, 16384, 32768),
+                    patterns: Sequence[str] = BENCH_PATTERNS, densities: Sequence[float] = (0.05, 0.1, 0.25), *,
+                    heads: int = 8, kv_heads: int | None = None, head_dim: int = 64, repeats: int = 3,
+                    flex: bool = False, error_rows: int = 256, seed: int = 0, clock: str = "wall",
+                    progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every (length, pattern, density); one dict per row (keys in the module docstring)."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    say = progress or (lambda _msg: None)
+    rows_out: list[dict[str, Any]] = []
+    compiled = None
+    if flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+    for n in seqs:
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(1, heads, n, head_dim, generator=gen)
+        k = torch.randn(1, kv_heads, n, head_dim, generator=gen)
+        v = torch.randn(1, kv_heads, n, head_dim, generator=gen)
+        scale = 1.0 / math.sqrt(head_dim)
+        say(f"seq {n}: dense causal SDPA")
+        gqa = heads != kv_heads
+        dense_s = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                      enable_gqa=gqa), repeats, clock=clock)
+        sample = torch.arange(n) if n <= 2048 else torch.randperm(n, generator=gen)[:error_rows].sort().values
+        for pattern in patterns:
+            for target in densities:
+                say(f"seq {n}: {pattern} at density ~{target:g}")
+                index, density, lists_s = index_at_density(pattern, n, heads, target, seed)
+                sparse_s = median_time(lambda: sparse_attention_cpu(q, k, v, index, scale), repeats, clock=clock)
+                out = sparse_attention_cpu(q, k, v, index, scale)
+                row: dict[str, Any] = {
+                    "seq": n, "pattern": pattern, "target_density": target, "density": round(density, 4),
+                    "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+                    "dense_ms": round(dense_s * 1e3, 2), "sparse_ms": round(sparse_s * 1e3, 2),
+                    "lists_ms": round(lists_s * 1e3, 2),
+                    "speedup": round(dense_s / sparse_s, 2), "efficiency": round(dense_s / sparse_s * density, 3),
+                    "max_abs_err": sampled_error(q, k, v, out, index, scale, sample),
+                }
+                if compiled is not None:
+                    block_mask = flex_block_mask(index, n)
+                    flex_sparse_attention(q, k, v, index, scale, block_mask=block_mask, compiled=compiled)
+                    flex_s = median_time(lambda: flex_sparse_attention(q, k, v, index, scale, block_mask=block_mask,
+                                                                       compiled=compiled), repeats, warmup=0, clock=clock)
+                    flex_out = flex_sparse_attention(q, k, v, index, scale, block_mask=block_mask, compiled=compiled)
+                    row["flex_ms"] = round(flex_s * 1e3, 2)
+                    row["flex_speedup"] = round(dense_s / flex_s, 2)
+                    row["flex_max_abs_err"] = sampled_error(q, k, v, flex_out, index, scale, sample)
+                rows_out.append(row)
+    return rows_out
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`bench_attention` rows."""
+    cols = ["seq", "pattern", "density", "dense_ms", "sparse_ms", "speedup", "efficiency", "max_abs_err", "lists_ms"]
+    if any("flex_ms" in r for r in rows):
+        cols += ["flex_ms", "flex_speedup"]
+    cells = [[f"{r[c]:.2e}" if c == "max_abs_err" else str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+__all__ = ["BENCH_PATTERNS", "bench_attention", "format_table", "index_at_density", "median_time", "sampled_error",
+           "synthetic_index"]

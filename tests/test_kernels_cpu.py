@@ -1,0 +1,111 @@
+"""The CPU path (vlsparse.kernels.cpu) and the dispatcher against the reference, under the error budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_cases import all_causal_index, diagonal_only_index, every_pattern_index, qkv, within_budget
+
+from vlsparse.kernels.cpu import attention_lse, sparse_attention_cpu
+from vlsparse.kernels.dispatch import choose_backend, sparse_attention
+from vlsparse.kernels.indices import a_shape_index, vertical_slash_index
+
+
+@pytest.mark.parametrize("n", [100, 130, 256, 700])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cpu_every_pattern_within_error_budget(n, dtype):
+    q, k, v = qkv(n, heads=8, kv_heads=2, dtype=dtype)
+    index = every_pattern_index(q, k)
+    scale = 1 / math.sqrt(32)
+    out = sparse_attention_cpu(q, k, v, index, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    err, budget = within_budget(out, q, k, v, index, scale)
+    assert err <= budget, f"err {err:.3g} > budget {budget:.3g}"
+
+
+@pytest.mark.parametrize("make", [diagonal_only_index, all_causal_index])
+def test_cpu_density_zero_and_one(make):
+    q, k, v = qkv(130, heads=4, kv_heads=2, head_dim=64)
+    index = make(130, 4)
+    err, budget = within_budget(sparse_attention_cpu(q, k, v, index, 0.125), q, k, v, index, 0.125)
+    assert err <= budget
+
+
+@pytest.mark.parametrize("knobs", [dict(workspace_mb=0.001, quantum=16), dict(min_run=1, min_group=1),
+                                   dict(min_run=2, min_group=3, quantum=32)])
+def test_cpu_knobs_change_the_schedule_not_the_result(knobs):
+    # min_run / min_group 1: every trailing run is read in place (strided views) and the rest merged
+    q, k, v = qkv(700, heads=8, kv_heads=2)
+    index = every_pattern_index(q, k)
+    out = sparse_attention_cpu(q, k, v, index, 0.2, **knobs)
+    err, budget = within_budget(out, q, k, v, index, 0.2)
+    assert err <= budget
+    assert float((out - sparse_attention_cpu(q, k, v, index, 0.2)).abs().max()) < 1e-5
+
+
+def test_cpu_columns_are_exact_not_rounded_to_blocks():
+    # one vertical column at 3 for rows 128..: a block-rounded kernel would also attend to keys 0..63
+    n = 256
+    index = vertical_slash_index(torch.tensor([[[3]]]), torch.tensor([[[0]]]), n)
+    q, k, v = qkv(n, heads=1, kv_heads=1)
+    v[:, :, :64] = 0.0
+    v[:, :, 3] = 100.0
+    k[:, :, :64] = 0.0
+    out = sparse_attention_cpu(q, k, v, index, 0.2)
+    err, budget = within_budget(out, q, k, v, index, 0.2)
+    assert err <= budget
+    # with keys 0..63 all zero, only key 3 carries value: rows of block 2 see 100 * weight(3) > 0
+    assert bool((out[0, 0, 128:192].abs().sum(-1) > 0).all())
+
+
+def test_cpu_batch_broadcast_and_non_contiguous_layout():
+    n, h, hkv, d = 200, 4, 2, 48
+    gen = torch.Generator().manual_seed(5)
+    # [B, N, H, D] memory viewed as [B, H, N, D] (the layout many models produce)
+    q = torch.randn(2, n, h, d, generator=gen).transpose(1, 2)
+    k = torch.randn(2, n, hkv, d, generator=gen).transpose(1, 2)
+    v = torch.randn(2, n, hkv, d, generator=gen).transpose(1, 2)
+    index = a_shape_index(n, [3, 0, 10, 1], [70, 1, 130, 200], heads=h)  # batch 1, broadcast to 2
+    out = sparse_attention_cpu(q, k, v, index, 0.15)
+    err, budget = within_budget(out, q, k, v, index.expand(2), 0.15)
+    assert err <= budget
+
+
+def test_dispatch_picks_the_cpu_path_and_refuses_triton_without_the_interpreter(monkeypatch):
+    q, k, v = qkv(130, heads=4, kv_heads=2)
+    index = a_shape_index(130, 4, 64, heads=4)
+    assert choose_backend(q, "auto") == "cpu"
+    assert torch.equal(sparse_attention(q, k, v, index, 0.2, backend="torch"), sparse_attention_cpu(q, k, v, index, 0.2))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError):
+        choose_backend(q, "triton")
+    with pytest.raises(ValueError):
+        choose_backend(q, "cuda")
+
+
+def test_attention_lse_fused_and_plain_agree():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 1, n, 32, generator=gen) for n in (64, 100, 100))
+    mask = torch.zeros(3, 1, 1, 100).masked_fill_(torch.arange(100) >= 90, float("-inf"))
+    for kwargs in (dict(mask=mask), dict(causal=True)):
+        kk, vv = (k, v) if "mask" in kwargs else (k[:, :, :64], v[:, :, :64])
+        o1, l1 = attention_lse(q, kk, vv, 0.3, **kwargs)
+        o2, l2 = attention_lse(q, kk, vv, 0.3, fused=False, **kwargs)
+        assert float((o1 - o2).abs().max()) < 1e-5 and float((l1 - l2).abs().max()) < 1e-5
+    scores = (q @ k.transpose(-1, -2)) * 0.3 + mask
+    _, l3 = attention_lse(q, k, v, 0.3, mask=mask)
+    assert float((l3 - torch.logsumexp(scores, -1)).abs().max()) < 1e-5  # lse includes scale and mask
+
+
+def test_bench_attention_rows_carry_the_measurements():
+    from vlsparse.kernels.bench import bench_attention, format_table
+
+    rows = bench_attention([512], densities=[0.3], heads=2, head_dim=32, repeats=1)
+    assert [r["pattern"] for r in rows] == ["vertical_slash", "block_sparse", "a_shape"]
+    for row in rows:
+        assert {"seq", "pattern", "density", "speedup", "efficiency", "max_abs_err"} <= set(row)
+        assert row["seq"] == 512 and 0 < row["density"] < 1 and row["max_abs_err"] < 1e-5
+        assert row["efficiency"] == pytest.approx(row["speedup"] * row["density"], rel=0.05, abs=1e-3)
+    assert "vertical_slash" in format_table(rows)

@@ -1,0 +1,80 @@
+"""The runtime plugged into transformers' attention registry, on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlsparse.errors import ProfileError
+from vlsparse.kernels.runtime import attach, detach
+from vlsparse.models import load
+from vlsparse.profile import AttentionProfile, HeadProfile, Profile
+
+
+def uniform_profile(adapter, head: HeadProfile) -> Profile:
+    layers = [[head for _ in range(adapter.num_heads)] for _ in range(adapter.num_layers)]
+    return Profile(model=adapter.fingerprint(), attention=AttentionProfile(layers=layers))
+
+
+def _inputs(loaded, n_images=6):
+    colours = ["red", "blue", "green", "white", "black", "yellow"]
+    images = [Image.new("RGB", (16, 16), colours[i % len(colours)]) for i in range(n_images)]
+    return loaded.prepare(images, "what color is the circle ?")
+
+
+def _logits(loaded, inputs):
+    with torch.inference_mode():
+        return loaded.model(**inputs).logits.float()
+
+
+@pytest.mark.parametrize("key", ["llava", "qwen2_vl"])
+def test_all_covering_sparse_lists_reproduce_sdpa_logits(vlm_dirs, key):
+    loaded = load(vlm_dirs[key])
+    inputs = _inputs(loaded)
+    dense = _logits(loaded, inputs)
+    everything = HeadProfile("block_sparse", {"blocks": 1.0})  # every causal block: exact attention
+    runtime = attach(loaded, uniform_profile(loaded.adapter, everything), min_len=0)
+    sparse = _logits(loaded, inputs)
+    assert len(runtime.calls) == loaded.adapter.num_layers
+    assert all(c.density == pytest.approx(1.0) for c in runtime.calls)
+    assert (sparse - dense).abs().max() < 1e-4
+
+
+def test_dense_profile_equals_sdpa(llava_dir):
+    loaded = load(llava_dir)
+    inputs = _inputs(loaded)
+    dense = _logits(loaded, inputs)
+    attach(loaded, uniform_profile(loaded.adapter, HeadProfile("dense")), min_len=0)
+    assert (_logits(loaded, inputs) - dense).abs().max() < 1e-4
+
+
+def test_a_sparse_profile_changes_attention_and_reports_density(llava_dir):
+    loaded = load(llava_dir)
+    inputs = _inputs(loaded, n_images=24)  # ~400 tokens: seven query blocks of 64
+    dense = _logits(loaded, inputs)
+    head = HeadProfile("a_shape", {"sink": 0.01, "local": 0.02})
+    runtime = attach(loaded, uniform_profile(loaded.adapter, head), min_len=0)
+    sparse = _logits(loaded, inputs)
+    assert 0 < runtime.mean_density() < 1
+    assert (sparse - dense).abs().max() > 1e-3  # the runtime really changed the computation
+    detach(loaded, runtime)
+    assert (_logits(loaded, inputs) - dense).abs().max() < 1e-5
+
+
+def test_runtime_records_image_spans_and_decode_stays_dense(qwen2_vl_dir):
+    loaded = load(qwen2_vl_dir)
+    inputs = _inputs(loaded, n_images=2)
+    runtime = attach(loaded, uniform_profile(loaded.adapter, HeadProfile("block_sparse", {"blocks": 1.0})),
+                     min_len=0)
+    with torch.inference_mode():
+        loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    spans = loaded.adapter.image_spans(inputs)
+    assert runtime.spans == [(s.start, s.end) for s in spans]
+    assert len(runtime.calls) == loaded.adapter.num_layers  # prefill only; the decode steps were dense
+
+
+def test_profile_for_another_model_is_refused(llava_dir, llama_dir):
+    llava, llama = load(llava_dir), load(llama_dir)
+    with pytest.raises(ProfileError, match="made for"):
+        attach(llama, uniform_profile(llava.adapter, HeadProfile("dense")))
