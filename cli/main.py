@@ -17,7 +17,7 @@ Every command takes --model (a folder, a hub id, or `demo`, the embedded model) 
 Set VLSPARSE_DEBUG=1 to see tracebacks.
 """
 
-COMMAND_MODULES = ("run", "profile", "prune", "inspect", "eval", "bench")
+COMMAND_MODULES = ("run", "profile", "prune", "calibrate", "inspect", "eval", "bench")
 
 
 def build_app() -> typer.Typer:

@@ -45,6 +45,8 @@ def summary_table(answer, model_name: str, attention: str, dense=None) -> Table:
     if dense is not None:
         table.add_row("dense prefill", f"{dense.prefill_ms:.1f} ms")
         table.add_row("prefill speedup", f"{dense.prefill_ms / max(answer.prefill_ms, 1e-9):.2f}x")
+        table.add_row("dense decode", f"{dense.decode_tokens_per_s:.1f} tokens/s")
+        table.add_row("decode speedup", f"{answer.decode_tokens_per_s / max(dense.decode_tokens_per_s, 1e-9):.2f}x")
         table.add_row("same answer as dense", "yes" if dense.text == answer.text else f"no (dense: {dense.text!r})")
     return table
 
@@ -61,6 +63,9 @@ def run(
     dense_only: Annotated[bool, typer.Option("--dense", help="Ignore any profile: dense attention.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense; report prefill speedup.")] = False,
     backend: Annotated[str, typer.Option("--backend", help="Sparse kernels: auto, triton or torch.")] = "auto",
+    core: Annotated[Optional[bool], typer.Option(
+        "--core/--no-core", help="Core neurons and core tokens from the profile's `core` section "
+                                 "[default: on when the profile has one].", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
@@ -77,42 +82,91 @@ def run(
     if not question.strip():
         raise InputError("the question is empty", "pass the question as the last argument, in quotes")
     images = [load_image(Path(p)) for p in image_paths]
-    err = Console(stderr=True)
+    err = Console(stderr=True, quiet=quiet or json_out)
+    model_name = model or default_model(err)
     with quiet_transformers():
-        loaded = load(model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle,
+        loaded = load(model_name, device=device, dtype=dtype, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code)
         batch = loaded.prepare(images, question)
-        profile_path = None if dense_only else (profile or find_profile(loaded.path))
-        dense = generate_answer(loaded, batch, max_new_tokens) if compare and profile_path else None
-        runtime = attach_profile(loaded, profile_path, backend) if profile_path else None
+        profile_path, profile_obj = (None, None) if dense_only else find_profile(loaded, profile, err)
+        if core and (profile_obj is None or profile_obj.core is None):
+            raise InputError("--core needs a profile with a `core` section", "run `vlsparse calibrate` first")
+        dense = generate_answer(loaded, batch, max_new_tokens) if compare and profile_obj else None
+        runtime = attach_attention(loaded, profile_obj, backend)
+        core_runtime = attach_core(loaded, profile_obj, runtime) if core is not False else None
         answer = generate_answer(loaded, batch, max_new_tokens=max_new_tokens)
     attention = "dense" if runtime is None else _describe(runtime, profile_path)
+    core_stats = core_runtime.stats() if core_runtime is not None else {}
     if json_out:
-        extra = {"attention": attention, "profile": str(profile_path) if profile_path else None}
+        extra = {"attention": attention, "profile": str(profile_path) if profile_path else None, "core": core_stats}
         if dense is not None:
             extra.update(dense_prefill_ms=dense.prefill_ms, prefill_speedup=dense.prefill_ms / answer.prefill_ms,
-                         dense_text=dense.text)
-        typer.echo(json.dumps({"model": loaded.name, **asdict(answer), **extra}, indent=2))
+                         dense_decode_tokens_per_s=dense.decode_tokens_per_s, dense_text=dense.text)
+        typer.echo(json.dumps({"model": loaded.name, **asdict(answer), **extra}, indent=2, default=str))
         return
     typer.echo(answer.text)
-    if not quiet:
-        err.print(summary_table(answer, loaded.name, attention, dense))
+    table = summary_table(answer, loaded.name, attention, dense)
+    if core_stats.get("core_tokens"):
+        table.add_row("image tokens kept", f"{core_stats['image_tokens_kept']} / {core_stats['image_tokens_total']}")
+    if core_stats.get("core_neurons"):
+        table.add_row("core neurons kept", f"{core_stats['core_neurons_kept']} / {core_stats['core_neurons_total']}")
+    err.print(table)
 
 
-def find_profile(model_folder: Path) -> Path | None:
-    """A checkpoint written by `vlsparse prune` carries its profile as vlsparse.yaml."""
-    candidate = Path(model_folder) / "vlsparse.yaml"
-    return candidate if candidate.is_file() else None
+def default_model(err: Console) -> str:
+    """With no --model: the newest checkpoint `vlsparse prune` wrote here, else the demo model."""
+    try:
+        from vlsparse.compress.checkpoint import find_newest_checkpoint
+    except ImportError:
+        return "demo"
+    found = find_newest_checkpoint(Path.cwd())
+    if found is None:
+        return "demo"
+    err.print(f"using the newest pruned checkpoint here: {found}")
+    return str(found)
 
 
-def attach_profile(loaded, profile_path: Path, backend: str):
-    from vlsparse.kernels.runtime import attach
-    from vlsparse.profile import load_profile
+def find_profile(loaded, explicit: Path | None, err: Console):
+    """(path, Profile) to use: --profile, else the checkpoint's vlsparse.yaml, else ./profiles/<model>.yaml.
 
-    profile = load_profile(profile_path)
-    if profile.attention is None:
+    An explicit profile must match the model (one-line error otherwise); one found
+    in ./profiles for another model is skipped with a note.
+    """
+    from vlsparse.errors import ProfileError
+    from vlsparse.profile import check_profile_matches, load_profile
+
+    if explicit is not None:
+        return explicit, load_profile(explicit)
+    inside = Path(loaded.path) / "vlsparse.yaml"
+    if inside.is_file():
+        return inside, load_profile(inside)
+    nearby = Path.cwd() / "profiles" / f"{loaded.name}.yaml"
+    if nearby.is_file():
+        found = load_profile(nearby)
+        try:
+            check_profile_matches(found, loaded.adapter.fingerprint())
+        except ProfileError:
+            err.print(f"note: {nearby} is for another model; not using it")
+            return None, None
+        err.print(f"using profile {nearby}")
+        return nearby, found
+    return None, None
+
+
+def attach_attention(loaded, profile, backend: str):
+    if profile is None or profile.attention is None:
         return None
+    from vlsparse.kernels.runtime import attach
+
     return attach(loaded, profile, backend=backend)
+
+
+def attach_core(loaded, profile, sparse_runtime):
+    if profile is None or profile.core is None:
+        return None
+    from vlsparse.kernels.core_runtime import attach_profile_core
+
+    return attach_profile_core(loaded, profile, sparse_runtime=sparse_runtime)
 
 
 def _describe(runtime, profile_path: Path) -> str:

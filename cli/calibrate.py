@@ -1,0 +1,205 @@
+"""`vlsparse calibrate`: core neurons and core tokens (CoreInfer / CoreMatching / CATS) -> the profile's `core`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vlsparse.cli.errors import friendly_errors
+from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt,
+                                  TrustRemoteCodeOpt)
+from vlsparse.cli.quiet import quiet_transformers
+
+HELP = """Calibrate core neurons and core tokens -> the `core` section of a profile (YAML).
+
+Three passes over the calibration samples: (1) dense prefill: per language-model
+layer, a histogram of |act(gate(x))| and its CATS threshold at --cats-sparsity;
+(2) dense decoding: per layer, the relative FFN error of decoding with only the
+prompt's core neurons (token-wise top --alpha, sentence-wise top --beta); the
+neuron layers are the longest run of layers with error <= --max-error (or
+--neuron-layers); (3) vision-language models: for each candidate token layer
+(--token-layers), scoring rule (--score) and upper keep guard (--max-keep), a
+prefill with image tokens really dropped after that layer (elbow cut within the
+guards); the profile keeps the cheapest candidate whose next-token KL from dense
+is <= --kl-budget.
+
+Calibration data as for `vlsparse profile`: demo scenes (VLMs), pydoc text (LMs),
+or --calib FILE.jsonl. The core section is added to --profile (or the model
+folder's vlsparse.yaml, or ./profiles/MODEL.yaml when one of them exists; other
+sections are kept), written to --out (default: that same file). `vlsparse run`
+then uses it (--no-core turns it off).
+
+Examples:
+
+\b
+  vlsparse calibrate
+  vlsparse calibrate --model ./demo-pruned --samples 8 --beta 0.4
+  vlsparse calibrate --model ./llava-1.5-7b-hf --calib calib.jsonl --token-layers 2-8 --score auto
+  vlsparse calibrate --model smollm2 --neuron-layers 5-27 --out smollm2-core.yaml
+"""
+
+
+def _base_path(profile: Optional[Path], model_folder: Path, model_name: str) -> Optional[Path]:
+    from vlsparse.compress.core_calibrate import default_profile
+    from vlsparse.errors import InputError
+
+    if profile is not None:
+        if not profile.is_file():
+            raise InputError(f"profile {profile} not found", "give an existing profile, or leave out --profile")
+        return profile
+    for candidate in (Path(model_folder) / "vlsparse.yaml", default_profile(model_name)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def summary_table(core: dict, model_name: str, out: Path) -> Table:
+    title = f"vlsparse calibrate · {model_name}"
+    table = Table(title=title, show_header=False, title_justify="left", min_width=len(title))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    neurons, tokens, layers = core["neurons"], core["tokens"], core["layers"]
+    span = neurons["layers"]
+    if span:
+        chosen = [r["decode_error"] for r in layers if span["first"] <= r["layer"] <= span["last"]]
+        table.add_row("core-neuron layers", f"{span['first']}-{span['last']} of {len(layers)}")
+        table.add_row("  decode FFN error (mean)", f"{sum(chosen) / len(chosen):.3f}")
+    else:
+        table.add_row("core-neuron layers", f"none (no layer with error <= {neurons['max_error']})")
+    table.add_row("  alpha, beta", f"{neurons['alpha']:g}, {neurons['beta']:g}")
+    if tokens["candidates"]:
+        best = next((c for c in tokens["candidates"] if c["layer"] == tokens["layer"]
+                     and c["score"] == tokens["score"] and c["max_keep"] == tokens["max_keep"]), None)
+        if best is None:
+            table.add_row("core-token layer", f"none (no candidate with KL <= {tokens['kl_budget']})")
+        else:
+            table.add_row("core-token layer", f"{best['layer']} (score {best['score']}, max keep {best['max_keep']:g})")
+            table.add_row("  image tokens kept", f"{best['kept']:.1%}")
+            table.add_row("  next-token KL, top-1 agreement", f"{best['kl']:.4f}, {best['top1']:.0%}")
+            table.add_row("  est. LM prefill cost", f"{best['cost']:.1%} of dense")
+    thresholds = [r["threshold"] for r in layers]
+    table.add_row(f"CATS thresholds (sparsity {core['thresholds']['sparsity']:g})",
+                  f"{min(thresholds):.3g} .. {max(thresholds):.3g}")
+    table.add_row("profile", str(out))
+    return table
+
+
+def _fractions(text: str, what: str) -> list[float]:
+    from vlsparse.errors import InputError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--{what} must be comma-separated numbers, got {text!r}", "e.g. 0.25,0.5") from None
+    if not values or not all(0 < v <= 1 for v in values):
+        raise InputError(f"--{what} must lie in (0, 1], got {text!r}", "e.g. 0.25,0.5")
+    return values
+
+
+@friendly_errors
+def calibrate(
+    model_arg: Annotated[Optional[str], typer.Argument(
+        metavar="[MODEL]", show_default=False, help="Model folder, hub id or `demo` (same as --model).")] = None,
+    model: ModelOpt = None,
+    calib: Annotated[Optional[str], typer.Option(
+        "--calib", help="Calibration data: JSONL ({\"images\": [...], \"prompt\": ...} or {\"text\": ...} per line), "
+                        "a .txt file or a folder of .txt files [default: demo scenes for VLMs, pydoc text for LMs].",
+        show_default=False)] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Calibration samples.", min=1)] = 4,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Target tokens per sample (demo scenes and text).",
+                                         min=128)] = 4096,
+    seed: SeedOpt = 0,
+    alpha: Annotated[float, typer.Option("--alpha", help="Token-wise core: top share of each token's active neurons.",
+                                         min=0.0, max=1.0)] = 0.2,
+    beta: Annotated[float, typer.Option("--beta", help="Sentence-wise core: share of neurons kept for decoding.",
+                                        min=0.0, max=1.0)] = 0.4,
+    max_error: Annotated[float, typer.Option("--max-error", help="Largest mean decode FFN error of a core-neuron "
+                                                                 "layer.", min=0.0)] = 0.5,
+    neuron_layers: Annotated[Optional[str], typer.Option(
+        "--neuron-layers", help="Core-neuron layers instead of the error rule: e.g. 2-9, or none.",
+        show_default=False)] = None,
+    token_layers: Annotated[Optional[str], typer.Option(
+        "--token-layers", help="Candidate token-pruning layers, e.g. 1-4 or none [default: 0..N/2, not the last].",
+        show_default=False)] = None,
+    score: Annotated[str, typer.Option(
+        "--score", help="Core-token reference: text, all, last, or auto (try all three).")] = "text",
+    min_keep: Annotated[float, typer.Option("--min-keep", help="Least share of image tokens kept.", min=0.0, max=1.0)]
+    = 0.1,
+    max_keep: Annotated[str, typer.Option(
+        "--max-keep", help="Candidate upper guards on the share of image tokens kept (comma-separated; the "
+                           "cheapest within --kl-budget wins).")] = "0.25,0.5",
+    kl_budget: Annotated[float, typer.Option("--kl-budget", help="Largest mean next-token KL (nats) of a token "
+                                                                 "layer.", min=0.0)] = 0.1,
+    cats_sparsity: Annotated[float, typer.Option("--cats-sparsity", help="CATS: share of gate activations below "
+                                                                         "each layer's threshold.")] = 0.5,
+    decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Dense decode steps measured per sample.",
+                                               min=1)] = 4,
+    profile: Annotated[Optional[Path], typer.Option(
+        "--profile", help="Existing profile to add the core section to.", show_default=False)] = None,
+    out: Annotated[Optional[str], typer.Option(
+        "--out", "-o", help="Where to write [default: the profile it adds to, else ./profiles/MODEL.yaml].",
+        show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    from vlsparse.compress.core_calibrate import (SCORE_RULES, calibrate_core, core_profile, default_profile,
+                                                  parse_layers)
+    from vlsparse.errors import InputError
+    from vlsparse.models import load
+    from vlsparse.profile import load_profile, save_profile
+    from vlsparse.search.calibration import calibration_from
+
+    if model_arg and model and model_arg != model:
+        raise InputError(f"two models given ({model_arg} and --model {model})", "give the model once")
+    if out and Path(out).suffix not in (".yaml", ".yml"):
+        raise InputError(f"--out {out} should end in .yaml", "e.g. --out profiles/mymodel.yaml")
+    if score != "auto" and score not in SCORE_RULES:
+        raise InputError(f"unknown --score {score!r}", f"choose one of {', '.join(SCORE_RULES)} or auto")
+    err = Console(stderr=True)
+    show = not (quiet or json_out)
+    say = (lambda m: err.print(m, markup=False, highlight=False)) if show else None
+    started = time.perf_counter()
+    with quiet_transformers():
+        loaded = load(model_arg or model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code)
+        n_layers = loaded.adapter.num_layers
+        base_path = _base_path(profile, loaded.path, loaded.name)
+        base = load_profile(base_path) if base_path else None
+        if base is not None:
+            from vlsparse.profile import check_profile_matches
+
+            check_profile_matches(base, loaded.adapter.fingerprint(), str(base_path))
+        calibration = calibration_from(loaded, calib, samples=samples, seq_len=seq_len, seed=seed)
+        core = calibrate_core(
+            loaded, calibration, alpha=alpha, beta=beta, max_error=max_error,
+            neuron_layers=parse_layers(neuron_layers, n_layers, "neuron-layers"),
+            token_layers=parse_layers(token_layers, n_layers, "token-layers"),
+            scores=SCORE_RULES if score == "auto" else (score,), min_keep=min_keep,
+            max_keep=_fractions(max_keep, "max-keep"), kl_budget=kl_budget, cats_sparsity=cats_sparsity,
+            decode_tokens=decode_tokens, progress=say)
+    out_path = Path(out) if out else (base_path or default_profile(loaded.name))
+    if base is not None and base.core is not None and show:
+        err.print(f"Note: replacing the core section of {base_path}", markup=False, highlight=False)
+    save_profile(core_profile(loaded, core, base), out_path)
+    seconds = time.perf_counter() - started
+    if json_out:
+        typer.echo(json.dumps({"out": str(out_path), "seconds": seconds, "core": core}, indent=2))
+        return
+    if show:
+        err.print(summary_table(core, loaded.name, out_path))
+        err.print(f"time {seconds:.1f} s", markup=False, highlight=False)
+    typer.echo(str(out_path))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate", help=HELP)(calibrate)

@@ -1,0 +1,313 @@
+"""`vlsparse bench e2e`: dense vs each runtime feature vs everything combined, end to end, one run.
+
+Configurations (``E2E_CONFIGS``), all on the same model and prompts:
+
+- ``dense``: stock transformers (SDPA).
+- ``sparse_attention``: the profile's attention patterns (``vlsparse.kernels.runtime``).
+- ``core_tokens``: image tokens dropped after the profile's token layer (``core_runtime``).
+- ``core_neurons``: decoding with the prompt's core neurons (``core_runtime``).
+- ``combined``: all three on the pruned checkpoint (``pruned``, e.g. ``vlsparse prune
+  --ratio 0.5``; the same model when none is given, which the row's note says), with
+  the attention and core sections of the checkpoint's own ``vlsparse.yaml`` where it
+  has them (calibrated on the pruned weights), else the main profile's.
+
+Per configuration, timed by forward hooks on the model (the first forward of a
+generation, with an empty KV cache, is the prefill; every later one a decode step):
+
+- ``accuracy`` (``ci95``, ``accuracy_delta`` against dense): ``evaluate`` (default
+  ``vlsparse.demo.evaluate.evaluate``) on ``n`` held-out samples of ``task`` from ``seed``;
+  the dense run also keeps its first ``speed_prompts`` prompts exactly as the evaluator
+  built them, for the speed pass;
+- speed pass: each of those prompts generates exactly ``decode_tokens`` tokens (greedy,
+  ``min_new_tokens``); the configurations take turns, one untimed round, then ``repeats``
+  timed rounds, so a drifting machine load hits them alike;
+- ``prefill_ms``: median prefill; ``decode_tokens_per_s``: median over generations of
+  decode steps / their time; speedups against the ``dense`` row;
+- ``kv_cache_mib``: keys and values held by the KV cache after the last step;
+- ``peak_mib``: the largest growth of resident memory during one configuration's speed
+  runs over its level just before (``malloc_trim``-ed first),
+  sampled every 5 ms: an estimate of the working memory beyond the weights;
+- image tokens and core neurons kept, from the core runtime's stats on the last prompt.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+E2E_CONFIGS = ("dense", "sparse_attention", "core_tokens", "core_neurons", "combined")
+_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
+
+
+@dataclass
+class ForwardClock:
+    """Times every forward of a model: prefills (empty cache) and decode steps; keeps the first prompts."""
+
+    keep_prompts: int = 0
+    prefill_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)
+    prompts: list[dict] = field(default_factory=list)
+    kv_bytes: int = 0
+    _start: float = 0.0
+    _prefill: bool = False
+
+    def pre(self, module, args, kwargs) -> None:
+        past = kwargs.get("past_key_values")
+        self._prefill = not (past is not None and past.get_seq_length() > 0)
+        if self._prefill and len(self.prompts) < self.keep_prompts:
+            self.prompts.append({k: kwargs[k].clone() for k in _INPUT_KEYS if isinstance(kwargs.get(k), torch.Tensor)})
+        self._start = time.perf_counter()
+
+    def post(self, module, args, kwargs, output) -> None:
+        elapsed = time.perf_counter() - self._start
+        (self.prefill_s if self._prefill else self.decode_s).append(elapsed)
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and hasattr(cache, "layers"):
+            self.kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
+                                for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                                if isinstance(t, torch.Tensor))
+
+    def attach(self, model) -> list:
+        return [model.register_forward_pre_hook(self.pre, with_kwargs=True),
+                model.register_forward_hook(self.post, with_kwargs=True)]
+
+
+class RssPeak:
+    """Context manager: the largest resident-memory growth (MiB) seen while inside, sampled every ``interval`` s."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak_mib = interval, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * 4096
+        except OSError:  # not Linux: fall back to the process peak
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mib = max(self.peak_mib, (self.rss_bytes() - self._base) / 2**20)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "RssPeak":
+        self._base = self.rss_bytes()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _generate(loaded, inputs: dict, new_tokens: int) -> None:
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        loaded.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=pad)
+
+
+def demo_evaluate():
+    """``vlsparse.demo.evaluate.evaluate`` (model, processor, task, n, seed) -> dict, or None if absent."""
+    try:
+        from vlsparse.demo.evaluate import evaluate
+    except ImportError:
+        return None
+    return evaluate
+
+
+def _apply(config: str, loaded, profile, core_settings) -> tuple[Callable[[], None], Any, str]:
+    """Switch ``config`` on; returns (undo, core runtime or None, note)."""
+    from vlsparse.kernels.core_runtime import attach_core, detach_core
+    from vlsparse.kernels.runtime import attach, detach
+
+    undo: list[Callable[[], None]] = []
+    sparse = core = None
+    notes = []
+    if config in ("sparse_attention", "combined"):
+        if profile is not None and profile.attention is not None:
+            sparse = attach(loaded, profile)
+            undo.append(lambda: detach(loaded, sparse))
+        else:
+            notes.append("no attention profile: dense attention")
+    if config in ("core_tokens", "core_neurons", "combined"):
+        if core_settings is not None:
+            core = attach_core(loaded, core_settings, neurons=config != "core_tokens",
+                               tokens=config != "core_neurons", sparse_runtime=sparse)
+            undo.append(lambda: detach_core(loaded, core))
+        else:
+            notes.append("no core calibration in the profile")
+    return (lambda: [u() for u in reversed(undo)]), core, "; ".join(notes)
+
+
+def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, seed: int = 0,
+              profile: str | Path | None = None, pruned: str | Path | None = None,
+              configs: Sequence[str] = E2E_CONFIGS, speed_prompts: int = 2, decode_tokens: int = 16,
+              repeats: int = 3, device: str = "cpu", evaluate: Callable[..., dict] | None = None,
+              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """One row per configuration (see the module docstring); ``dense`` always runs, first.
+
+    ``evaluate(model, processor, task=, n=, seed=) -> {"n", "accuracy", "ci95"?}`` defaults
+    to the demo benchmark's (``demo_evaluate``). The speed pass visits the configurations
+    round-robin ``repeats`` times after one untimed round, so a drifting machine load hits
+    them alike.
+    """
+    from vlsparse.compress.core_calibrate import core_settings as parse_core
+    from vlsparse.errors import InputError
+    from vlsparse.models import load
+    from vlsparse.profile import check_profile_matches, load_profile
+
+    unknown = [c for c in configs if c not in E2E_CONFIGS]
+    if unknown:
+        raise InputError(f"unknown configuration {unknown[0]!r}", f"choose from {', '.join(E2E_CONFIGS)}")
+    say = progress or (lambda message: None)
+    evaluate = evaluate or demo_evaluate()
+    base = load(model, device=device)
+    profile_path = Path(profile) if profile else _find_profile(base)
+    prof = load_profile(profile_path) if profile_path else None
+    if prof is not None:
+        check_profile_matches(prof, base.adapter.fingerprint(), str(profile_path))
+    core = parse_core(prof.core, base.adapter.num_layers) if prof is not None and prof.core else None
+    order = ["dense"] + [c for c in E2E_CONFIGS if c in configs and c != "dense"]
+    combined_model = load(pruned, device=device) if pruned and "combined" in order else base
+    profiles = {config: (prof, core) for config in order}
+    own = Path(combined_model.path) / "vlsparse.yaml" if combined_model is not base else None
+    if own is not None and own.is_file():  # a pruned checkpoint's own profile, where it has the parts
+        pruned_prof = load_profile(own)
+        check_profile_matches(pruned_prof, combined_model.adapter.fingerprint(), str(own))
+        pruned_core = parse_core(pruned_prof.core, combined_model.adapter.num_layers) if pruned_prof.core else None
+        profiles["combined"] = (pruned_prof if pruned_prof.attention is not None else prof, pruned_core or core)
+    rows: dict[str, dict[str, Any]] = {}
+    prompts: list[dict] = []
+    for config in order:  # accuracy, on the prompts the evaluator builds (the dense run keeps the first ones)
+        loaded = combined_model if config == "combined" else base
+        say(f"{config}: accuracy on {n} {task} samples")
+        clock = ForwardClock(keep_prompts=0 if prompts else speed_prompts)
+        undo, runtime, note = _apply(config, loaded, *profiles[config])
+        handles = clock.attach(loaded.model)
+        try:
+            with torch.inference_mode():
+                result = evaluate(loaded.model, loaded.processor, task=task, n=n, seed=seed) if evaluate else None
+        finally:
+            for h in handles:
+                h.remove()
+            undo()
+        prompts.extend(clock.prompts)
+        notes = [note] if note else []
+        if config == "combined" and loaded is base:
+            notes.insert(0, "no pruned checkpoint given: the same weights")
+        if result is None:
+            notes.append("no evaluator (vlsparse.demo.evaluate): no accuracy")
+        rows[config] = {"config": config, "model": loaded.name, "task": task, "n": result["n"] if result else 0,
+                        "accuracy": round(float(result["accuracy"]), 4) if result else None,
+                        "ci95": [round(float(x), 4) for x in result["ci95"]] if result and "ci95" in result
+                        else None, "note": "; ".join(notes)}
+    speed = {config: {"prefill": [], "decode": [], "kv": 0, "peak": 0.0, "stats": {}} for config in order}
+    for rep in range(repeats + 1):  # round 0 warms up and is not counted
+        for config in order:
+            loaded = combined_model if config == "combined" else base
+            say(f"speed {'warm-up' if rep == 0 else f'{rep}/{repeats}'}: {config}, {len(prompts[:speed_prompts])} "
+                f"prompts x {decode_tokens} tokens")
+            undo, runtime, _ = _apply(config, loaded, *profiles[config])
+            clock = ForwardClock()
+            handles = clock.attach(loaded.model)
+            try:
+                _release_memory()
+                with RssPeak() as rss:
+                    for inputs in prompts[:speed_prompts]:
+                        before = len(clock.decode_s)
+                        _generate(loaded, inputs, decode_tokens)
+                        steps = clock.decode_s[before:]
+                        if rep and steps:
+                            speed[config]["decode"].append(len(steps) / sum(steps))
+            finally:
+                for h in handles:
+                    h.remove()
+                stats = runtime.stats() if runtime is not None else {}
+                undo()
+            if rep:
+                entry = speed[config]
+                entry["prefill"].extend(clock.prefill_s)
+                entry["kv"], entry["stats"] = clock.kv_bytes, stats
+                entry["peak"] = max(entry["peak"], rss.peak_mib)
+    out = []
+    for config in order:
+        row, entry, stats = rows[config], speed[config], speed[config]["stats"]
+        row.update({
+            "prefill_ms": round(statistics.median(entry["prefill"]) * 1000, 1) if entry["prefill"] else None,
+            "decode_tokens_per_s": round(statistics.median(entry["decode"]), 2) if entry["decode"] else None,
+            "kv_cache_mib": round(entry["kv"] / 2**20, 3), "peak_mib": round(entry["peak"], 1),
+            "image_tokens_kept": stats.get("image_tokens_kept"), "image_tokens_total": stats.get("image_tokens_total"),
+            "core_neurons_kept": stats.get("core_neurons_kept"), "core_neurons_total": stats.get("core_neurons_total"),
+        })
+        if not prompts:
+            row["note"] = "; ".join(x for x in (row["note"], "no prompts captured: no speed") if x)
+        out.append(row)
+    dense = out[0]
+    for row in out:
+        row["prefill_speedup"] = _ratio(dense["prefill_ms"], row["prefill_ms"])
+        row["decode_speedup"] = _ratio(row["decode_tokens_per_s"], dense["decode_tokens_per_s"])
+        row["accuracy_delta"] = (round(row["accuracy"] - dense["accuracy"], 4)
+                                 if row["accuracy"] is not None and dense["accuracy"] is not None else None)
+    return [row for row in out if row["config"] in configs]
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so RSS growth is comparable.
+
+    No ``gc.collect()``: the KV cache and activations are freed by reference counting, and a
+    full collection of the transformers-sized heap takes about a second.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _find_profile(loaded) -> Path | None:
+    from vlsparse.compress.core_calibrate import default_profile
+
+    for candidate in (Path(loaded.path) / "vlsparse.yaml", default_profile(loaded.name)):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _ratio(a, b) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`bench_e2e` rows."""
+    cols = ["config", "accuracy", "prefill_ms", "prefill_speedup", "decode_tokens_per_s", "decode_speedup",
+            "kv_cache_mib", "peak_mib", "image_tokens", "core_neurons"]
+
+    def cell(row, col):
+        if col == "image_tokens":
+            return f"{row['image_tokens_kept']}/{row['image_tokens_total']}" if row.get("image_tokens_total") else "-"
+        if col == "core_neurons":
+            return f"{row['core_neurons_kept']}/{row['core_neurons_total']}" if row.get("core_neurons_total") else "-"
+        value = row.get(col)
+        return "-" if value is None else str(value)
+
+    cells = [[cell(r, c) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    notes = [f"{r['config']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))

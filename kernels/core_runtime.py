@@ -1,0 +1,371 @@
+"""Core neurons and core tokens at run time: smaller FFN matmuls and really dropped image tokens.
+
+``attach_core(loaded, settings)`` changes a loaded model in place, with no copied
+model forward:
+
+- **Core neurons** (CoreInfer). The MLP of every layer in ``settings.neuron_layers``
+  is swapped for a ``CoreMLP`` that shares its ``gate_proj``/``up_proj``/``down_proj``
+  (the state dict keeps its keys). At prefill it runs dense, takes the prompt's
+  activations ``a = act(gate(x)) * up(x)``, picks the sentence-wise core neurons K
+  (``vlsparse.compress.core``: token-wise top alpha of the active neurons, active =
+  ``|act(gate(x))|`` above the layer's CATS threshold, then the ``ceil(beta F)`` most
+  frequent over at most ``sample_tokens`` evenly spaced prompt tokens) and copies the
+  rows K of gate/up (stacked into one [2|K|, H] weight, so decoding makes one matmul
+  fewer per layer even at beta = 1) and the columns K of down ([H, |K|]) once. Every
+  decode step then runs ``down_K(act(gate_K x) * up_K x)``: a smaller matmul, not a mask.
+- **Core tokens** (CoreMatching). At the token layer L, the MLP (also a ``CoreMLP``)
+  hands its prefill activations to a forward hook on decoder layer L, which scores
+  every image token (cosine between its token-wise core set and the core set of the
+  reference tokens: ``text`` = the prompt's non-image tokens, ``all`` = every prompt
+  token, ``last`` = the last prompt token), cuts at the elbow within the keep guards
+  and returns the hidden states of the survivors only (text tokens always survive).
+  Forward pre-hooks on the layers after L gather ``position_embeddings`` (cos, sin:
+  sequence on dim -2 for 1-D and multimodal RoPE alike), ``position_ids`` and a 4-D
+  ``attention_mask`` (rows and key columns) to the survivors, so they keep their
+  original rotary positions. Their KV caches then hold only survivors; decode
+  positions still come from the full count (generate's ``position_ids``, or layer 0's
+  cache length), and key columns of a decode mask are gathered the same way.
+
+Image positions come from ``adapter.image_spans`` on the prompt (a forward pre-hook
+on the model, like ``vlsparse.kernels.runtime``). Token dropping needs batch size 1
+and ``input_ids``; otherwise that prompt runs with core neurons only. A new prompt
+is recognised by an empty KV cache (or none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlsparse.compress.core import (core_match_scores, evenly_spaced, select_core_tokens, sentence_core,
+                                    token_core_mask)
+from vlsparse.compress.core_calibrate import SCORE_RULES, CoreSettings
+
+
+@dataclass
+class CoreRuntime:
+    """State shared by the hooks of one model: settings, switches, and the current prompt."""
+
+    settings: CoreSettings
+    neurons: bool = True
+    tokens: bool = True
+    enabled: bool = True
+    sparse_runtime: Any = None
+    handles: list = field(default_factory=list, repr=False)
+    swapped: list = field(default_factory=list, repr=False)
+    # the current prompt
+    prefill: bool = False
+    prompt_len: int = 0
+    image_mask: Tensor | None = field(default=None, repr=False)
+    keep: Tensor | None = field(default=None, repr=False)
+    token_layer_core: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    image_total: int = 0
+    image_kept: int = 0
+    core_kept: dict[int, int] = field(default_factory=dict)
+    core_total: dict[int, int] = field(default_factory=dict)
+    note: str = ""
+
+    def start_prompt(self, prompt_len: int, image_mask: Tensor | None, note: str = "") -> None:
+        self.prefill, self.prompt_len, self.image_mask = True, prompt_len, image_mask
+        self.keep, self.token_layer_core, self.note = None, None, note
+        self.image_total = int(image_mask.sum()) if image_mask is not None else 0
+        self.image_kept = self.image_total
+        self.core_kept, self.core_total = {}, {}
+
+    def stats(self) -> dict[str, Any]:
+        """What the last prompt kept: image tokens and core neurons (kept and total)."""
+        s = self.settings
+        return {
+            "core_tokens": self.tokens and s.token_layer is not None,
+            "core_neurons": self.neurons and bool(s.neuron_layers),
+            "token_layer": s.token_layer if self.tokens else None,
+            "image_tokens_kept": self.image_kept,
+            "image_tokens_total": self.image_total,
+            "neuron_layers": list(s.neuron_layers) if self.neurons else [],
+            "core_neurons_kept": sum(self.core_kept.values()),
+            "core_neurons_total": sum(self.core_total.values()),
+            "alpha": s.alpha,
+            "beta": s.beta,
+            "note": self.note,
+        }
+
+    def describe(self) -> str:
+        """One line for a summary: ``image tokens 120/512 kept (layer 2), core neurons 40%`` etc."""
+        st, parts = self.stats(), []
+        if st["core_tokens"]:
+            parts.append(f"image tokens {st['image_tokens_kept']}/{st['image_tokens_total']} kept "
+                         f"(from layer {st['token_layer']})")
+        if st["core_neurons"] and st["core_neurons_total"]:
+            parts.append(f"core neurons {st['core_neurons_kept']}/{st['core_neurons_total']} "
+                         f"in {len(st['neuron_layers'])} layers (beta {st['beta']:g})")
+        if st["note"]:
+            parts.append(st["note"])
+        return ", ".join(parts) or "core: nothing to do"
+
+
+class CoreMLP(nn.Module):
+    """A gated MLP that decodes with the prompt's core neurons (see the module docstring).
+
+    Shares ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` with the MLP it
+    replaces. ``slice_neurons=False`` (the token layer outside the neuron range) only
+    records prefill activations for token scoring.
+    """
+
+    def __init__(self, mlp: nn.Module, layer: int, runtime: CoreRuntime, slice_neurons: bool) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.layer = layer
+        self.slice_neurons = slice_neurons
+        self.runtime = runtime
+        self.core: Tensor | None = None
+        self._gate_up: Tensor | None = None
+        self._gate_up_bias: Tensor | None = None
+        self._down: Tensor | None = None
+
+    def dense(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        rt = self.runtime
+        if not rt.enabled:
+            return self.dense(x)
+        if rt.prefill:
+            return self._prefill(x)
+        if self._down is not None and rt.neurons and self.slice_neurons:
+            return self._decode(x)
+        return self.dense(x)
+
+    def _prefill(self, x: Tensor) -> Tensor:
+        rt, s = self.runtime, self.runtime.settings
+        gate = self.act_fn(self.gate_proj(x))
+        act = gate * self.up_proj(x)
+        out = self.down_proj(act)
+        scoring = rt.tokens and self.layer == s.token_layer and x.shape[0] == 1
+        slicing = rt.neurons and self.slice_neurons
+        if not (scoring or slicing):
+            return out
+        flat_act, flat_gate = act.reshape(-1, act.shape[-1]), gate.reshape(-1, gate.shape[-1])
+        threshold = s.thresholds.get(self.layer, 0.0)
+        rows = evenly_spaced(flat_act.shape[0], s.sample_tokens)
+        if scoring:  # every token's core set: image tokens are scored one by one
+            mask = token_core_mask(flat_act, s.alpha, flat_gate, threshold)
+            rt.token_layer_core = (mask, flat_act)
+            sample = mask[rows]
+        elif slicing:
+            sample = token_core_mask(flat_act[rows], s.alpha, flat_gate[rows], threshold)
+        if slicing:
+            self.build(sentence_core(sample, s.beta, flat_act[rows]))
+        return out
+
+    @torch.no_grad()
+    def build(self, core: Tensor) -> None:
+        """Copy the core rows of gate/up and columns of down (once per prompt)."""
+        self.core = core
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        self._gate_up = torch.cat([gate.weight.index_select(0, core), up.weight.index_select(0, core)]).contiguous()
+        self._gate_up_bias = None
+        if gate.bias is not None or up.bias is not None:
+            zeros = gate.weight.new_zeros(len(core))
+            self._gate_up_bias = torch.cat([gate.bias.index_select(0, core) if gate.bias is not None else zeros,
+                                            up.bias.index_select(0, core) if up.bias is not None else zeros])
+        self._down = down.weight.index_select(1, core).contiguous()
+        self.runtime.core_kept[self.layer] = int(core.numel())
+        self.runtime.core_total[self.layer] = int(gate.weight.shape[0])
+
+    def _decode(self, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self._gate_up, self._gate_up_bias).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self._down, self.down_proj.bias)
+
+    def clear(self) -> None:
+        self.core = self._gate_up = self._gate_up_bias = self._down = None
+
+
+# ----------------------------------------------------------------------------- token dropping
+
+
+def score_image_tokens(mask: Tensor, act: Tensor, image_mask: Tensor, settings: CoreSettings) -> Tensor:
+    """CoreMatching scores of the image tokens (in prompt order): [n_image].
+
+    mask: [T, F] token-wise core sets at the token layer; act: [T, F] its activations
+    (tie-breaks); image_mask: [T] boolean. The reference core set K follows ``settings.score``.
+    """
+    if settings.score == "last":
+        reference = mask[-1:]
+        core = reference[0].nonzero().flatten()
+    else:
+        rows = ~image_mask if settings.score == "text" else torch.ones_like(image_mask)
+        if not bool(rows.any()):
+            rows = torch.ones_like(image_mask)
+        rows = rows.nonzero().flatten()
+        rows = rows[evenly_spaced(len(rows), settings.sample_tokens)]
+        core = sentence_core(mask[rows], settings.beta, act[rows])
+    if core.numel() == 0:
+        return torch.ones(int(image_mask.sum()), device=act.device)
+    return core_match_scores(mask[image_mask], core)
+
+
+def _gather(t: Tensor, dim: int, index: Tensor) -> Tensor:
+    return t.index_select(dim, index.to(t.device))
+
+
+def _drop_hook(runtime: CoreRuntime):
+    def hook(module, args, output):
+        rt, s = runtime, runtime.settings
+        if not (rt.enabled and rt.tokens and rt.prefill) or rt.image_mask is None or rt.token_layer_core is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        mask, act = rt.token_layer_core
+        rt.token_layer_core = None
+        if hidden.shape[0] != 1 or hidden.shape[1] != rt.prompt_len:
+            return None
+        image_mask = rt.image_mask.to(hidden.device)
+        scores = score_image_tokens(mask, act, image_mask, s)
+        kept_image = image_mask.nonzero().flatten()[select_core_tokens(scores, s.min_keep, s.max_keep)]
+        keep_mask = ~image_mask
+        keep_mask[kept_image] = True
+        rt.keep = keep_mask.nonzero().flatten()
+        rt.image_kept = int(kept_image.numel())
+        if rt.sparse_runtime is not None:  # image spans in the shortened sequence, for layers after L
+            rt.sparse_runtime.spans = _runs(image_mask[rt.keep])
+        short = _gather(hidden, 1, rt.keep)
+        return (short, *output[1:]) if isinstance(output, tuple) else short
+
+    return hook
+
+
+def _runs(flags: Tensor) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of True in a 1-D boolean tensor."""
+    runs: list[tuple[int, int]] = []
+    for pos in flags.nonzero().flatten().tolist():
+        if runs and runs[-1][1] == pos:
+            runs[-1] = (runs[-1][0], pos + 1)
+        else:
+            runs.append((pos, pos + 1))
+    return runs
+
+
+def _key_index(keep: Tensor, prompt_len: int, kv_len: int) -> Tensor:
+    """Key columns of the full sequence that a shortened layer holds: survivors, then all later tokens."""
+    later = torch.arange(prompt_len, kv_len, device=keep.device)
+    return torch.cat([keep, later])
+
+
+def _survivor_hook(runtime: CoreRuntime):
+    def hook(module, args, kwargs):
+        rt = runtime
+        if not rt.enabled or rt.keep is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q_len, full = hidden.shape[1], rt.prompt_len
+        keep = rt.keep.to(hidden.device)
+        pe = kwargs.get("position_embeddings")
+        if pe is not None and pe[0].shape[-2] == full and q_len != full:
+            kwargs["position_embeddings"] = tuple(_gather(t, t.dim() - 2, keep) for t in pe)
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, Tensor) and pos.shape[-1] == full and q_len != full:
+            kwargs["position_ids"] = _gather(pos, pos.dim() - 1, keep)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() in (2, 4):
+            if mask.dim() == 4 and mask.shape[-2] == full and q_len != full:
+                mask = _gather(mask, 2, keep)
+            if mask.shape[-1] >= full:
+                mask = _gather(mask, mask.dim() - 1, _key_index(keep, full, mask.shape[-1]))
+            kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    return hook
+
+
+# ----------------------------------------------------------------------------- attach / detach
+
+
+def _prompt_hook(runtime: CoreRuntime, adapter):
+    def hook(module, args, kwargs):
+        past = kwargs.get("past_key_values")
+        seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        if seen:
+            runtime.prefill = False
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        length = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else 0
+        image_mask, note = None, ""
+        if runtime.tokens and runtime.settings.token_layer is not None and adapter.is_vlm:
+            if ids is None or ids.shape[0] != 1:
+                note = "tokens not dropped (batch of several prompts, or no input_ids)"
+            else:
+                spans = adapter.image_spans({**kwargs, "input_ids": ids})
+                image_mask = torch.zeros(length, dtype=torch.bool)
+                for span in spans:
+                    image_mask[span.start:span.end] = True
+                image_mask = image_mask if bool(image_mask.any()) else None
+        runtime.start_prompt(length, image_mask, note)
+        return None
+
+    return hook
+
+
+def attach_core(loaded, settings: CoreSettings, neurons: bool = True, tokens: bool = True,
+                sparse_runtime=None) -> CoreRuntime:
+    """Give ``loaded.model`` core-neuron decoding and/or core-token dropping; returns the runtime.
+
+    ``settings`` come from a profile (``core_settings(profile.core, num_layers)``).
+    ``sparse_runtime`` (from ``vlsparse.kernels.runtime.attach``), if given, is told the
+    survivors' image spans so its modality-aware heads see the shortened sequence.
+    """
+    adapter = loaded.adapter
+    layers = adapter.lm_layers()
+    runtime = CoreRuntime(settings=settings, neurons=neurons and bool(settings.neuron_layers),
+                          tokens=tokens and settings.token_layer is not None and adapter.is_vlm,
+                          sparse_runtime=sparse_runtime)
+    wanted = set(settings.neuron_layers) if runtime.neurons else set()
+    if runtime.tokens:
+        wanted.add(settings.token_layer)
+    for index in sorted(wanted):
+        layer = layers[index]
+        original = adapter.mlp(layer)
+        layer.mlp = CoreMLP(original, index, runtime, slice_neurons=runtime.neurons and index in settings.neuron_layers)
+        runtime.swapped.append((layer, original))
+    runtime.handles.append(loaded.model.register_forward_pre_hook(_prompt_hook(runtime, adapter), with_kwargs=True))
+    if runtime.tokens:
+        runtime.handles.append(layers[settings.token_layer].register_forward_hook(_drop_hook(runtime)))
+        for layer in layers[settings.token_layer + 1:]:
+            runtime.handles.append(layer.register_forward_pre_hook(_survivor_hook(runtime), with_kwargs=True))
+    return runtime
+
+
+def attach_profile_core(loaded, profile, neurons: bool = True, tokens: bool = True,
+                        sparse_runtime=None) -> CoreRuntime | None:
+    """``attach_core`` with the settings of ``profile.core`` (None when the profile has no core section).
+
+    Checks that the profile was made for this model (one-line ``ProfileError`` otherwise).
+    """
+    from vlsparse.compress.core_calibrate import core_settings
+    from vlsparse.profile import check_profile_matches
+
+    if profile.core is None:
+        return None
+    check_profile_matches(profile, loaded.adapter.fingerprint())
+    settings = core_settings(profile.core, loaded.adapter.num_layers)
+    return attach_core(loaded, settings, neurons=neurons, tokens=tokens, sparse_runtime=sparse_runtime)
+
+
+def detach_core(loaded, runtime: CoreRuntime) -> None:
+    """Put the original MLPs back and remove every hook: the model is dense again."""
+    runtime.enabled = False
+    for handle in runtime.handles:
+        handle.remove()
+    for layer, original in runtime.swapped:
+        layer.mlp.clear()
+        layer.mlp = original
+    runtime.handles.clear()
+    runtime.swapped.clear()
+
+
+__all__ = ["CoreMLP", "CoreRuntime", "SCORE_RULES", "attach_core", "attach_profile_core", "detach_core",
+           "score_image_tokens"]
