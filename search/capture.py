@@ -1,0 +1,78 @@
+"""Capture each language layer's post-RoPE queries and keys through transformers' attention registry.
+
+No copied model forward: a function is registered with
+``transformers.AttentionInterface`` and the model is switched to it for the
+duration of a ``with`` block. For the attention modules of the language
+decoder it hands ``(layer, query, key, scaling)`` to a callback, then every
+module (vision tower included) gets the real output from transformers' own
+SDPA function, so the forward computes exactly what ``sdpa`` computes.
+Queries and keys arrive rotated (multimodal RoPE included) and, for GQA,
+keys are not repeated: ``query`` is ``[B, H, N, d]``, ``key`` ``[B, H_kv, N, d]``.
+
+The same name is registered with ``AttentionMaskInterface`` as SDPA's mask
+function, so the model builds the masks it builds for ``sdpa`` (none at all
+for an unpadded causal prompt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+CAPTURE_NAME = "vlsparse_capture"
+
+LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, float], None]
+"""``callback(layer, query [B, H, N, d], key [B, H_kv, N, d], scaling)``."""
+
+
+def _implementations(config) -> str | dict:
+    """The attention implementation of ``config`` and its sub-configs, in ``set_attn_implementation``'s format."""
+    subs = {}
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None:
+            subs[key] = _implementations(sub)
+    own = getattr(config, "_attn_implementation", None) or "sdpa"
+    return {"": own, **subs} if subs else own
+
+
+def _scaling(module: nn.Module, query: torch.Tensor, kwargs: dict) -> float:
+    value = kwargs.get("scaling")
+    if value is None:
+        value = getattr(module, "scaling", None)
+    return float(value) if value is not None else query.shape[-1] ** -0.5
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module, modules: Sequence[nn.Module], callback: LayerCallback,
+                      name: str = CAPTURE_NAME) -> Iterator[None]:
+    """Within the block, every forward of ``model`` calls ``callback`` once per module in ``modules``.
+
+    ``modules`` are the language layers' attention modules in layer order; the
+    callback receives the position in that list as the layer index. The model's
+    previous attention implementation is restored on exit.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    index = {id(m): i for i, m in enumerate(modules)}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        layer = index.get(id(module))
+        if layer is not None and query.shape[-2] > 1:
+            callback(layer, query, key, _scaling(module, query, kwargs))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    previous = _implementations(model.config)
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    try:
+        model.set_attn_implementation(name)
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        AttentionInterface.register(name, sdpa_attention_forward)  # drop the closure (and what it holds)

@@ -1,0 +1,92 @@
+"""The stateful half of the search: collect candidate scores layer by layer, sample by sample, then choose.
+
+    search = PatternSearch(candidates, num_layers, num_heads)
+    for each sample, for each layer:  search.add(layer, q, k, scale, spans)
+    chosen, masks = search.choose(target=0.95, n_cal=4096)
+
+Memory kept between samples: per (layer, sample) a recall and a density per
+candidate and head, and the ``[H, nb, nb]`` tile masses the static masks are
+built from (``nb = N / 64``, so 256 KiB per head at 16k tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlsparse.search.candidates import Candidate
+from vlsparse.search.choose import Scored, choose
+from vlsparse.search.evaluate import evaluate_layer, evaluate_static
+from vlsparse.search.recall import BLOCK, STEP_ELEMENTS, num_blocks
+
+
+class PatternSearch:
+    """Scores of every candidate for every (layer, query head), accumulated over calibration samples."""
+
+    def __init__(self, candidates: list[Candidate], num_layers: int, num_heads: int, last_q: int = 64,
+                 block: int = BLOCK, max_elements: int = STEP_ELEMENTS) -> None:
+        self.candidates = list(candidates)
+        self.online = [c for c in self.candidates if c.pattern != "static"]
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.last_q = last_q
+        self.block = block
+        self.max_elements = max_elements
+        self.recall: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.density: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.tile_mass: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.lengths: list[list[int]] = [[] for _ in range(num_layers)]
+
+    def add(self, layer: int, q: torch.Tensor, k: torch.Tensor, scale: float, spans=()) -> None:
+        """Score one layer of one input. ``q``: ``[H, N, d]`` query heads, ``k``: ``[H_kv, N, d]``."""
+        if q.shape[0] != self.num_heads:
+            raise ValueError(f"layer {layer} has {q.shape[0]} query heads, expected {self.num_heads}")
+        scores = evaluate_layer(q, k, scale, self.online, spans, last_q=self.last_q, block=self.block,
+                                max_elements=self.max_elements)
+        self.recall[layer].append(scores.recall)
+        self.density[layer].append(scores.density)
+        self.tile_mass[layer].append(scores.tile_mass)
+        self.lengths[layer].append(scores.n)
+
+    @property
+    def samples(self) -> int:
+        return min((len(r) for r in self.recall), default=0)
+
+    def scored(self, layer: int, head: int, n_cal: int) -> tuple[list[Scored], dict[Candidate, torch.Tensor]]:
+        """Every candidate's aggregate for one head, in catalogue order, and the static masks built."""
+        recall = torch.stack([r[head] for r in self.recall[layer]])  # [S, C_online]
+        density = torch.stack([d[head] for d in self.density[layer]])
+        masses = [m[head] for m in self.tile_mass[layer]]
+        lengths = self.lengths[layer]
+        index = {c: i for i, c in enumerate(self.online)}
+        statics = [c for c in self.candidates if c.pattern == "static"]
+        static_scores = dict(zip(statics, evaluate_static(masses, lengths, [c.budgets["select"] for c in statics],
+                                                          num_blocks(n_cal, self.block)))) if statics else {}
+        out, masks = [], {}
+        for cand in self.candidates:
+            if cand.pattern == "static":
+                mask, recalls, densities = static_scores[cand]
+                masks[cand] = mask
+                rec, den = torch.tensor(recalls, dtype=torch.float64), torch.tensor(densities, dtype=torch.float64)
+            else:
+                rec, den = recall[:, index[cand]], density[:, index[cand]]
+            out.append(Scored(cand, float(rec.min()), float(rec.mean()), float(den.mean())))
+        return out, masks
+
+    def choose(self, target: float = 0.95, n_cal: int | None = None, tie_density: float = 0.01,
+               min_gain: float = 0.01) -> tuple[list[list[Scored]], dict[tuple[int, int], torch.Tensor]]:
+        """Per layer and head the chosen candidate, and the static masks of heads that chose ``static``."""
+        if self.samples == 0:
+            raise ValueError("no calibration sample was scored")
+        n_cal = n_cal or max(self.lengths[0])
+        chosen: list[list[Scored]] = []
+        masks: dict[tuple[int, int], torch.Tensor] = {}
+        for layer in range(self.num_layers):
+            row = []
+            for head in range(self.num_heads):
+                scored, static_masks = self.scored(layer, head, n_cal)
+                best = choose(scored, target, tie_density=tie_density, min_gain=min_gain)
+                if best.candidate.pattern == "static":
+                    masks[(layer, head)] = static_masks[best.candidate]
+                row.append(best)
+            chosen.append(row)
+        return chosen, masks
