@@ -1,0 +1,94 @@
+"""Accuracy on the demo benchmark: held-out scenes with known one-word answers.
+
+Samples come from ``scenes.EVAL_SEEDS`` (disjoint from training); sample
+``i`` of a run with ``seed=s`` uses seed ``EVAL_SEED_BASE + s + i``. The model
+answers greedily in its own prompt format (its chat template, with the images
+as the generator labels them); an answer is right when its first word equals
+the expected word. The interval is Wilson's 95% score interval.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+from vlsparse.demo import build, scenes
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def first_word(text: str) -> str:
+    words = text.strip().lower().split()
+    return words[0].strip(string.punctuation) if words else ""
+
+
+def prompt_for(processor, sample: scenes.Sample) -> str:
+    """The sample's prompt through the processor's chat template (labels as text items)."""
+    if getattr(processor, "chat_template", None):
+        return build.build_prompt(processor, sample)
+    token = getattr(processor, "image_token", "<image>")
+    _, labels = sample.model_images()
+    images = " ".join(f"{label} {token}".strip() for label in labels)
+    return f"USER: {images}\n{sample.question} ASSISTANT:"
+
+
+@torch.inference_mode()
+def answer_sample(model, processor, sample: scenes.Sample, max_new_tokens: int = 3) -> tuple[str, int]:
+    """The model's greedy answer to a sample, and the prompt length in tokens."""
+    images, _ = sample.model_images()
+    device = next(model.parameters()).device
+    inputs = processor(text=[prompt_for(processor, sample)], images=images, return_tensors="pt").to(device)
+    tokenizer = processor.tokenizer
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    prompt_len = inputs["input_ids"].shape[1]
+    return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True), prompt_len
+
+
+def evaluate(model, processor, task: str = "vqa", n: int = 200, seed: int = 0,
+             progress: Callable[[], None] | None = None, **sample_kwargs) -> dict:
+    """Accuracy of ``model`` on ``n`` held-out samples of ``task`` (vqa, multi, grid).
+
+    Returns ``accuracy``, ``ci95``, ``per_qtype`` ({qtype: {n, accuracy}}),
+    ``chance`` (mean 1/#answers), ``mean_prompt_tokens``, ``n``, ``seed``, ``task``.
+    """
+    was_training = model.training
+    model.eval()
+    samples = scenes.generate(task, n, scenes.EVAL_SEED_BASE + seed, **sample_kwargs)
+    per = defaultdict(lambda: [0, 0])
+    correct, tokens, chance = 0, 0, 0.0
+    for sample in samples:
+        text, prompt_len = answer_sample(model, processor, sample)
+        ok = first_word(text) == sample.answer
+        correct += ok
+        tokens += prompt_len
+        chance += 1 / len(scenes.ANSWERS[sample.qtype])
+        per[sample.qtype][0] += ok
+        per[sample.qtype][1] += 1
+        if progress is not None:
+            progress()
+    if was_training:
+        model.train()
+    return {
+        "task": task,
+        "n": n,
+        "seed": seed,
+        "accuracy": correct / n if n else 0.0,
+        "ci95": wilson_interval(correct, n),
+        "per_qtype": {q: {"n": t, "accuracy": c / t} for q, (c, t) in sorted(per.items())},
+        "chance": chance / n if n else 0.0,
+        "mean_prompt_tokens": tokens / n if n else 0.0,
+    }
