@@ -9,7 +9,7 @@ import typer
 
 from vlsparse.cli.bench_e2e import E2E_HELP, e2e_command
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import JsonOpt, QuietOpt
+from vlsparse.cli.options import JsonOpt, QuietOpt, parse_fractions, parse_ints
 
 HELP = """Benchmarks measured in one run, printed as a table (or JSON)."""
 
@@ -25,30 +25,6 @@ Examples:
 
   vlsparse bench attention --seq 32768 --patterns block_sparse --densities 0.05,0.1 --json
 """
-
-
-def _ints(text: str, what: str) -> list[int]:
-    from vlsparse.errors import InputError
-
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--{what} must be comma-separated integers, got {text!r}", "e.g. 4096,8192") from None
-    if not values or min(values) < 1:
-        raise InputError(f"--{what} needs positive integers, got {text!r}", "e.g. 4096,8192")
-    return values
-
-
-def _floats(text: str, what: str) -> list[float]:
-    from vlsparse.errors import InputError
-
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--{what} must be comma-separated numbers, got {text!r}", "e.g. 0.05,0.1,0.25") from None
-    if not values or not all(0 < x <= 1 for x in values):
-        raise InputError(f"--{what} must lie in (0, 1], got {text!r}", "e.g. 0.05,0.1,0.25")
-    return values
 
 
 @friendly_errors
@@ -88,7 +64,7 @@ def attention_command(
     if threads:
         torch.set_num_threads(threads)
     say = None if quiet or json_out else (lambda msg: typer.echo(msg, err=True))
-    rows = bench_attention(_ints(seq, "seq"), chosen, _floats(densities, "densities"), heads=heads,
+    rows = bench_attention(parse_ints(seq, "seq"), chosen, parse_fractions(densities, "densities"), heads=heads,
                            kv_heads=kv_heads or None, head_dim=head_dim, repeats=repeats, flex=flex, seed=seed,
                            clock=clock, progress=say)
     typer.echo(json.dumps(rows, indent=2) if json_out else format_table(rows))

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from vlsparse.cli.errors import friendly_errors
 from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt,
-                                  TrustRemoteCodeOpt)
+                                  TrustRemoteCodeOpt, parse_fractions)
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Calibrate core neurons and core tokens -> the `core` section of a profile (YAML).
@@ -88,18 +88,6 @@ def summary_table(core: dict, model_name: str, out: Path) -> Table:
                   f"{min(thresholds):.3g} .. {max(thresholds):.3g}")
     table.add_row("profile", str(out))
     return table
-
-
-def _fractions(text: str, what: str) -> list[float]:
-    from vlsparse.errors import InputError
-
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--{what} must be comma-separated numbers, got {text!r}", "e.g. 0.25,0.5") from None
-    if not values or not all(0 < v <= 1 for v in values):
-        raise InputError(f"--{what} must lie in (0, 1], got {text!r}", "e.g. 0.25,0.5")
-    return values
 
 
 @friendly_errors
@@ -185,7 +173,7 @@ def calibrate(
             neuron_layers=parse_layers(neuron_layers, n_layers, "neuron-layers"),
             token_layers=parse_layers(token_layers, n_layers, "token-layers"),
             scores=SCORE_RULES if score == "auto" else (score,), min_keep=min_keep,
-            max_keep=_fractions(max_keep, "max-keep"), kl_budget=kl_budget, cats_sparsity=cats_sparsity,
+            max_keep=parse_fractions(max_keep, "max-keep", "0.25,0.5"), kl_budget=kl_budget, cats_sparsity=cats_sparsity,
             decode_tokens=decode_tokens, progress=say)
     out_path = Path(out) if out else (base_path or default_profile(loaded.name))
     if base is not None and base.core is not None and show:

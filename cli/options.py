@@ -22,3 +22,29 @@ TrustRemoteCodeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout; no progress output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")]
+
+
+def parse_ints(text: str, option: str, example: str = "4096,8192") -> list[int]:
+    """A comma-separated list of positive integers from an option, or a one-line InputError."""
+    from vlsparse.errors import InputError
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--{option} must be comma-separated integers, got {text!r}", f"e.g. {example}") from None
+    if not values or min(values) < 1:
+        raise InputError(f"--{option} needs positive integers, got {text!r}", f"e.g. {example}")
+    return values
+
+
+def parse_fractions(text: str, option: str, example: str = "0.05,0.1,0.25") -> list[float]:
+    """A comma-separated list of fractions in (0, 1] from an option, or a one-line InputError."""
+    from vlsparse.errors import InputError
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--{option} must be comma-separated numbers, got {text!r}", f"e.g. {example}") from None
+    if not values or not all(0 < x <= 1 for x in values):
+        raise InputError(f"--{option} must lie in (0, 1], got {text!r}", f"e.g. {example}")
+    return values
