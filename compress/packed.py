@@ -1,0 +1,190 @@
+"""Packed sparse checkpoints (values + bitmask), for disk size only.
+
+Stock loaders decompress every sparse format to dense anyway (METHODS.md §5),
+so this format exists to make the *files* smaller: a pruned matrix of
+``numel`` weights at sparsity ``s`` is stored as its kept values in their own
+dtype (``(1 - s) * numel`` of them) plus one bit per weight, i.e. at 50%
+``0.5 + 1/(8 * bytes_per_weight)`` of dense (0.5625 for bf16, 0.53 for fp32).
+Everything else is stored unchanged.
+
+Layout of a packed folder (config, tokenizer and processor files as usual)::
+
+    packed_index.json                 {"format": "vlsparse-packed", "version": 1, "tensors": {...}}
+    packed-00001-of-0000N.safetensors one per source shard; for a pruned ``KEY``:
+                                      ``KEY::values`` (1-D) and ``KEY::mask`` (uint8 bits, LSB first)
+
+``packed_index.json`` maps every original checkpoint key to its file, dtype,
+shape and whether it is packed. ``unpack_state_dict`` restores the exact dense
+tensors under their original checkpoint names; ``load_packed`` builds the model.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vlsparse.errors import ModelLoadError
+
+PACKED_INDEX = "packed_index.json"
+PACKED_FORMAT = "vlsparse-packed"
+PACKED_VERSION = 1
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8 tensor of ``ceil(numel / 8)`` bytes (bit ``i % 8`` of byte ``i // 8``)."""
+    flat = mask.detach().reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def count_kept(packed: torch.Tensor) -> int:
+    """Number of set bits (kept weights) in a packed mask (padding bits are zero)."""
+    table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+    return int(table[packed.long()].sum())
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of ``pack_mask``: the bool mask of ``shape``."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)[:numel]
+    return bits.reshape(tuple(shape))
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...], int, Callable[[], bytes]]],
+                       metadata: dict[str, str]) -> None:
+    """Stream a safetensors file: header from (name, dtype, shape, nbytes), then each producer's bytes."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes, _ in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        for name, _, _, nbytes, produce in entries:
+            data = produce()
+            if len(data) != nbytes:
+                raise ValueError(f"{name}: produced {len(data)} bytes, expected {nbytes}")
+            out.write(data)
+
+
+def write_packed_checkpoint(reader, out_dir: Path, masks: dict[str, torch.Tensor],
+                            on_file: Callable[[str], None] | None = None) -> list[str]:
+    """Write the packed shards and ``packed_index.json``; ``masks`` maps checkpoint key -> packed bits.
+
+    Memory: one tensor at a time (its kept values are gathered when written).
+    """
+    from vlsparse.compress.checkpoint import DTYPE_NAMES, tensor_bytes
+
+    index: dict[str, dict] = {}
+    files = []
+    n = len(reader.files)
+    for i, source in enumerate(reader.files):
+        name = f"packed-{i + 1:05d}-of-{n:05d}.safetensors"
+        if on_file is not None:
+            on_file(name)
+        entries = []
+        for key in reader.keys_of(source):
+            info = reader.infos[key]
+            width = torch.empty((), dtype=DTYPE_NAMES[info.dtype]).element_size()
+            if key in masks:
+                bits = masks[key]
+                kept = count_kept(bits)
+
+                def values(key=key, bits=bits, shape=info.shape) -> bytes:
+                    dense = reader.tensor(key)
+                    return bytes(tensor_bytes(dense.reshape(-1)[unpack_mask(bits, shape).reshape(-1)]))
+
+                entries.append((f"{key}::values", info.dtype, (kept,), kept * width, values))
+                entries.append((f"{key}::mask", "U8", (bits.numel(),), bits.numel(),
+                                lambda bits=bits: bytes(tensor_bytes(bits))))
+            else:
+                entries.append((key, info.dtype, info.shape, info.end - info.begin,
+                                lambda key=key: bytes(tensor_bytes(reader.tensor(key)))))
+            index[key] = {"file": name, "dtype": info.dtype, "shape": list(info.shape), "packed": key in masks}
+        _write_safetensors(out_dir / name, entries, {"format": PACKED_FORMAT})
+        files.append(name)
+    (out_dir / PACKED_INDEX).write_text(json.dumps(
+        {"format": PACKED_FORMAT, "version": PACKED_VERSION, "tensors": index}, indent=1, sort_keys=True))
+    return files
+
+
+def is_packed(folder: str | Path) -> bool:
+    """True if ``folder`` holds a checkpoint written by ``vlsparse prune --pack``."""
+    path = Path(folder) / PACKED_INDEX
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("format") == PACKED_FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+
+
+def _read_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / PACKED_INDEX).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{folder / PACKED_INDEX} is unreadable", "re-run `vlsparse prune --pack`") from exc
+    if index.get("format") != PACKED_FORMAT or index.get("version") != PACKED_VERSION:
+        raise ModelLoadError(f"{folder} is not a version-{PACKED_VERSION} vlsparse packed checkpoint",
+                             "re-run `vlsparse prune --pack` with this version")
+    return index
+
+
+def unpack_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The dense tensors of a packed checkpoint, under their original checkpoint names."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = _read_index(folder)
+    from vlsparse.compress.checkpoint import DTYPE_NAMES
+
+    by_file: dict[str, list[str]] = {}
+    for key, entry in index["tensors"].items():
+        by_file.setdefault(entry["file"], []).append(key)
+    out: dict[str, torch.Tensor] = {}
+    for file, keys in sorted(by_file.items()):
+        try:
+            stored = load_file(str(folder / file))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"{folder / file} is missing or unreadable", "re-run `vlsparse prune --pack`") from exc
+        for key in keys:
+            entry = index["tensors"][key]
+            shape = tuple(entry["shape"])
+            if not entry["packed"]:
+                out[key] = stored.pop(key)
+                continue
+            mask = unpack_mask(stored.pop(f"{key}::mask"), shape)
+            values = stored.pop(f"{key}::values")
+            if int(mask.sum()) != values.numel():
+                raise ModelLoadError(f"{file}: {key} has {values.numel()} values for {int(mask.sum())} kept weights",
+                                     "the file is corrupt; re-run `vlsparse prune --pack`")
+            dense = torch.zeros(shape, dtype=DTYPE_NAMES[entry["dtype"]])
+            dense[mask] = values
+            out[key] = dense
+    return out
+
+
+def load_packed(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """A ready model (eval mode) from a packed checkpoint folder, via stock ``from_pretrained``."""
+    from transformers import AutoConfig
+
+    from vlsparse.models.adapter import family_of
+    from vlsparse.models.loading import model_class
+
+    folder = Path(folder)
+    config_dict = json.loads((folder / "config.json").read_text())
+    config = AutoConfig.from_pretrained(folder)
+    concrete = model_class(family_of(config_dict))._model_mapping[type(config)]  # the Auto class needs a path
+    return concrete.from_pretrained(None, config=config, state_dict=unpack_state_dict(folder), dtype=dtype).eval()
