@@ -37,6 +37,10 @@ from vlsparse.search.recall import BLOCK, STEP_ELEMENTS
 
 Progress = Callable[[str], None]
 
+STATIC_STATS_BYTES = 1 << 30
+"""Most memory the static masks' statistics may take (``layers * heads * samples * (N/64)^2`` floats);
+above it static candidates are left out of the search."""
+
 
 def image_strides(spans_per_sample: list[list]) -> tuple[int, ...]:
     """Grid strides seen in the calibration inputs, from the processor's image grids: the most
@@ -136,6 +140,14 @@ def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpa
     spans_all = [s for _, _, spans, _ in prepared for s in spans]
     candidates = catalogue(n_cal, images=bool(spans_all), strides=image_strides([s for *_, s, _ in prepared]),
                            space=space)
+    if len(prepared) < 2:  # static masks are scored leave-one-out: they need two samples
+        candidates = [c for c in candidates if c.pattern != "static"]
+    nb = max(-(-n // BLOCK) for n in lengths)
+    static_bytes = 4 * adapter.num_layers * adapter.num_heads * len(prepared) * nb * nb
+    if static_bytes > STATIC_STATS_BYTES and any(c.pattern == "static" for c in candidates):
+        candidates = [c for c in candidates if c.pattern != "static"]
+        say(f"note: static masks left out (their statistics would take {static_bytes / 2**30:.1f} GiB; "
+            f"use fewer --samples or a shorter --seq-len)")
     search = PatternSearch(candidates, adapter.num_layers, adapter.num_heads, last_q=LAST_Q, block=BLOCK,
                            max_elements=max_elements)
     modules = [adapter.attention(layer) for layer in adapter.lm_layers()]

@@ -50,12 +50,12 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, scale: float, candidates: l
 
 
 def _on_grid(mass: torch.Tensor, nb: int) -> torch.Tensor:
-    """A sample's tile mass ``[nb_s, nb_s]`` on an ``nb x nb`` grid (nearest tile), per row of the sample."""
+    """A sample's tile mass ``[nb_s, nb_s]`` on an ``nb x nb`` grid (nearest tile centre), per row of the sample."""
     src = mass.shape[0]
     mass = mass.double() / float(mass.sum())
     if src == nb:
         return mass
-    idx = torch.clamp((torch.arange(nb, dtype=torch.float64) * src / nb).floor().long(), max=src - 1)
+    idx = ((torch.arange(nb, dtype=torch.float64) + 0.5) * src / nb).long().clamp(max=src - 1)
     return mass[idx][:, idx]
 
 

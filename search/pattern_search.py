@@ -5,8 +5,9 @@
     chosen, masks = search.choose(target=0.95, n_cal=4096)
 
 Memory kept between samples: per (layer, sample) a recall and a density per
-candidate and head, and the ``[H, nb, nb]`` tile masses the static masks are
-built from (``nb = N / 64``, so 256 KiB per head at 16k tokens).
+candidate and head and, when static candidates are searched, the ``[H, nb, nb]``
+tile masses the static masks are built from (``nb = N / 64``: 256 KiB per head
+and sample at 16k tokens, the one term that grows with N^2).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class PatternSearch:
         self.last_q = last_q
         self.block = block
         self.max_elements = max_elements
+        self.keep_tiles = any(c.pattern == "static" for c in self.candidates)
         self.recall: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.density: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.tile_mass: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
@@ -44,7 +46,8 @@ class PatternSearch:
                                 max_elements=self.max_elements)
         self.recall[layer].append(scores.recall)
         self.density[layer].append(scores.density)
-        self.tile_mass[layer].append(scores.tile_mass)
+        if self.keep_tiles:  # only static masks need them after the layer is done
+            self.tile_mass[layer].append(scores.tile_mass)
         self.lengths[layer].append(scores.n)
 
     @property
@@ -52,18 +55,24 @@ class PatternSearch:
         return min((len(r) for r in self.recall), default=0)
 
     def scored(self, layer: int, head: int, n_cal: int) -> tuple[list[Scored], dict[Candidate, torch.Tensor]]:
-        """Every candidate's aggregate for one head, in catalogue order, and the static masks built."""
+        """Every candidate's aggregate for one head, in catalogue order, and the static masks built.
+
+        Static masks are scored on held-out samples (leave-one-out), so they need two
+        or more samples; with one they are left out.
+        """
         recall = torch.stack([r[head] for r in self.recall[layer]])  # [S, C_online]
         density = torch.stack([d[head] for d in self.density[layer]])
-        masses = [m[head] for m in self.tile_mass[layer]]
+        masses = [m[head] for m in self.tile_mass[layer]] if self.keep_tiles else []
         lengths = self.lengths[layer]
         index = {c: i for i, c in enumerate(self.online)}
-        statics = [c for c in self.candidates if c.pattern == "static"]
+        statics = [c for c in self.candidates if c.pattern == "static"] if len(lengths) > 1 else []
         static_scores = dict(zip(statics, evaluate_static(masses, lengths, [c.budgets["select"] for c in statics],
                                                           num_blocks(n_cal, self.block)))) if statics else {}
         out, masks = [], {}
         for cand in self.candidates:
             if cand.pattern == "static":
+                if cand not in static_scores:  # one sample: no held-out recall, so no static masks
+                    continue
                 mask, recalls, densities = static_scores[cand]
                 masks[cand] = mask
                 rec, den = torch.tensor(recalls, dtype=torch.float64), torch.tensor(densities, dtype=torch.float64)
