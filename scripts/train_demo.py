@@ -6,7 +6,11 @@ order is a pure function of the step, so re-running the first few hundred
 steps reproduces the start of the logged loss curve (up to float
 non-associativity across thread counts).
 
-Curriculum (fractions of ``--steps``):
+Stage 1 (``--vision-steps``): the vision tower alone, on dense per-patch labels (kind
+and colour of the shape in the patch's layout cell, and the cell), standing in for the
+pretrained CLIP encoder that LLaVA starts from (``pretrain_vision``).
+
+Stage 2, the whole LLaVA model; curriculum (fractions of ``--steps``):
 
 - all steps: single scenes (``vqa``), ``--questions`` distinct question/answer turns
   per image, loss on the answer tokens (and the ``</s>`` after them) only; with
@@ -66,6 +70,9 @@ class TrainConfig:
     full_from: float = 0.75
     eval_every: int = 200
     eval_n: int = 100
+    vision_steps: int = 300
+    vision_batch: int = 32
+    vision_lr: float = 2e-3
     caption_prob: float = 0.5
     easy_until: float = 0.2
     easy_shapes: int = 2
@@ -136,6 +143,74 @@ def collate(samples: list[scenes.Sample], processor) -> dict:
     return dict(batch)
 
 
+PATCH_HEADS = (("cell_kind", 1 + len(scenes.SHAPES)), ("cell_color", 1 + len(scenes.COLORS)), ("cell", 9))
+
+
+def patch_targets(shapes: list[scenes.Shape], side: int) -> torch.Tensor:
+    """Dense labels for the ``side x side`` vision patches of one scene: [side*side, 3].
+
+    For each patch (its centre mapped back to the 64 px scene): the kind and the colour of
+    the shape in the 3x3 layout cell the patch lies in (0 = empty cell), and the cell index.
+    """
+    by_cell = {(s.row, s.col): s for s in shapes}
+    colors = list(scenes.COLORS)
+    out = torch.zeros(side * side, 3, dtype=torch.long)
+    for i in range(side):
+        for j in range(side):
+            row = min(2, int((i + 0.5) / side * 3))
+            col = min(2, int((j + 0.5) / side * 3))
+            s = by_cell.get((row, col))
+            out[i * side + j] = torch.tensor([
+                0 if s is None else 1 + scenes.SHAPES.index(s.kind),
+                0 if s is None else 1 + colors.index(s.color),
+                row * 3 + col,
+            ])
+    return out
+
+
+def pretrain_vision(model, processor, cfg: TrainConfig, log, start: float) -> None:
+    """Stage 1: train the vision tower alone on dense per-patch labels (``patch_targets``).
+
+    LLaVA assumes a pretrained vision encoder; trained from scratch through the one-word
+    answers only, the tower stays uninformative for a long time. A linear head on the last
+    layer's patch features predicts, per patch, the kind and colour of the shape in its
+    layout cell and the cell itself (cross-entropy, summed). Dropped after this stage.
+    """
+    tower = model.model.vision_tower
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    hidden = model.config.vision_config.hidden_size
+    torch.manual_seed(cfg.seed)
+    head = torch.nn.Linear(hidden, sum(n for _, n in PATCH_HEADS))
+    params = list(tower.parameters()) + list(head.parameters())
+    optim = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
+    for step in range(cfg.vision_steps):
+        lr = cfg.vision_lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vision_steps)))
+        for group in optim.param_groups:
+            group["lr"] = lr
+        base = scenes.TRAIN_SEED_BASE + cfg.seed * 10_000_000 + 5_000_000 + step * cfg.vision_batch
+        shapes = [scenes.random_scene(scenes.sample_rng("vision", base + i)) for i in range(cfg.vision_batch)]
+        pixels = processor.image_processor([scenes.render(s) for s in shapes], return_tensors="pt")["pixel_values"]
+        target = torch.stack([patch_targets(s, side) for s in shapes])  # [B, side*side, 3]
+        feats = tower(pixel_values=pixels).last_hidden_state[:, 1:]  # drop CLS, as LLaVA does
+        logits = head(feats).split([n for _, n in PATCH_HEADS], dim=-1)
+        losses = [torch.nn.functional.cross_entropy(lg.flatten(0, 1), target[..., k].flatten())
+                  for k, lg in enumerate(logits)]
+        loss = sum(losses)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        with torch.no_grad():
+            acc = {name: round(float((lg.argmax(-1) == target[..., k]).float().mean()), 3)
+                   for k, ((name, _), lg) in enumerate(zip(PATCH_HEADS, logits))}
+        record = {"stage": "vision", "step": step, "loss": round(loss.item(), 5), "lr": round(lr, 7),
+                  "patch_accuracy": acc, "seconds": round(time.time() - start, 1)}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if step % 20 == 0:
+            print(json.dumps(record), flush=True)
+
+
 def train(cfg: TrainConfig) -> Path:
     from transformers import LlavaForConditionalGeneration
 
@@ -157,6 +232,8 @@ def train(cfg: TrainConfig) -> Path:
     (out / name).write_text(json.dumps(asdict(cfg), indent=2))
     log = (out / "train_log.jsonl").open("a" if cfg.start_step else "w")
     start = time.time()
+    if not cfg.init and cfg.vision_steps:
+        pretrain_vision(model, processor, cfg, log, start)
     for step in range(cfg.start_step, cfg.steps):
         model.train()
         rewarm = min(1.0, (step - cfg.start_step + 1) / cfg.warmup) if cfg.start_step else 1.0
