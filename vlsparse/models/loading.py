@@ -59,6 +59,20 @@ def model_class(family: str):
     return AutoModelForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
 
 
+def _from_pretrained(cls, folder: Path, kwargs: dict):
+    """Stock ``from_pretrained``; a ``vlsparse prune --pack`` folder is unpacked by our own reader first."""
+    from vlsparse.compress.packed import is_packed, unpack_state_dict
+
+    if not is_packed(folder):
+        return cls.from_pretrained(folder, **kwargs)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
+    concrete = cls._model_mapping[type(config)]  # the auto classes need a path; the concrete one takes None
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("use_safetensors", "trust_remote_code")}
+    return concrete.from_pretrained(None, config=config, state_dict=unpack_state_dict(folder), **kwargs)
+
+
 def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", allow_pickle: bool = False,
          trust_remote_code: bool = False, attn_implementation: str | None = None) -> LoadedModel:
     """Load a supported model for inference; every user error is a one-line ``VlsparseError``."""
@@ -73,7 +87,7 @@ def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", a
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        net = model_class(family).from_pretrained(folder, **kwargs)
+        net = _from_pretrained(model_class(family), folder, kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the weights in {folder}: {str(exc).splitlines()[0][:200]}",
                              "check that the folder was saved completely with save_pretrained") from exc
