@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt,
-                                  TrustRemoteCodeOpt, parse_fractions)
+from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, ModelOpt,
+                                  QuietOpt, SeedOpt, TrustRemoteCodeOpt, parse_fractions)
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Calibrate core neurons and core tokens -> the `core` section of a profile (YAML).
@@ -92,13 +92,9 @@ def summary_table(core: dict, model_name: str, out: Path) -> Table:
 
 @friendly_errors
 def calibrate(
-    model_arg: Annotated[Optional[str], typer.Argument(
-        metavar="[MODEL]", show_default=False, help="Model folder, hub id or `demo` (same as --model).")] = None,
+    model_arg: ModelArg = None,
     model: ModelOpt = None,
-    calib: Annotated[Optional[str], typer.Option(
-        "--calib", help="Calibration data: JSONL ({\"images\": [...], \"prompt\": ...} or {\"text\": ...} per line), "
-                        "a .txt file or a folder of .txt files [default: demo scenes for VLMs, pydoc text for LMs].",
-        show_default=False)] = None,
+    calib: CalibOpt = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples.", min=1)] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Target tokens per sample (demo scenes and text).",
                                          min=128)] = 4096,

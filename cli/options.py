@@ -11,6 +11,17 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="Model folder, Hugging Face hub id, or `demo` (the embedded model).",
                  show_default=False),
 ]
+ModelArg = Annotated[
+    Optional[str],
+    typer.Argument(metavar="MODEL", show_default=False, help="Model folder, hub id or `demo` (same as --model)."),
+]
+CalibOpt = Annotated[
+    Optional[str],
+    typer.Option("--calib", show_default=False,
+                 help="Calibration data: JSONL, one {\"images\": [...], \"prompt\": ...} (or \"image\") or "
+                      "{\"text\": ...} per line, paths relative to the file; profile and calibrate also take a "
+                      ".txt file or a folder of them [default: demo scenes for VLMs, pydoc text for LMs]."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]
 AllowPickleOpt = Annotated[

@@ -12,8 +12,8 @@ import typer
 from rich.console import Console
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt,
-                                  TrustRemoteCodeOpt)
+from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, ModelOpt,
+                                  QuietOpt, SeedOpt, TrustRemoteCodeOpt)
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Find each attention head's sparse pattern and budget -> a profile (YAML) and a figure (PNG).
@@ -60,13 +60,9 @@ def _peak_rss_mb() -> float:
 
 @friendly_errors
 def profile(
-    model_arg: Annotated[Optional[str], typer.Argument(
-        metavar="[MODEL]", show_default=False, help="Model folder, hub id or `demo` (same as --model).")] = None,
+    model_arg: ModelArg = None,
     model: ModelOpt = None,
-    calib: Annotated[Optional[str], typer.Option(
-        "--calib", help="Calibration data: JSONL ({\"images\": [...], \"prompt\": ...} or {\"text\": ...} per "
-                        "line), a .txt file or a folder of .txt files [default: demo scenes for VLMs, pydoc text "
-                        "for LMs].", show_default=False)] = None,
+    calib: CalibOpt = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples (every one must keep --recall).",
                                          min=1)] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Target tokens per sample (demo scenes and text; JSONL "

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import JsonOpt, ModelOpt, QuietOpt, SeedOpt
+from vlsparse.cli.options import CalibOpt, JsonOpt, ModelArg, ModelOpt, QuietOpt, SeedOpt
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Prune the Linear weights of both towers and the projector, and write a checkpoint folder.
@@ -67,8 +67,7 @@ def summary_table(result) -> Table:
 
 @friendly_errors
 def prune(
-    model_arg: Annotated[Optional[str], typer.Argument(metavar="MODEL", show_default=False,
-                                                       help="Model folder, hub id or `demo` (same as --model).")] = None,
+    model_arg: ModelArg = None,
     model: ModelOpt = None,
     ratio: Annotated[float, typer.Option("--ratio", help="Share of the pruned matrices' weights to zero.")] = 0.5,
     allocation: Annotated[Optional[str], typer.Option(
@@ -80,10 +79,7 @@ def prune(
                                                         "tower (vision+projector, LM) meets --ratio.")] = "global",
     max_deviation: Annotated[float, typer.Option("--max-deviation",
                                                  help="Largest |block sparsity - ratio| (ecoflap, owl).")] = 0.1,
-    calib: Annotated[Optional[str], typer.Option(
-        "--calib", help="JSONL calibration data: {\"image\": ..., \"prompt\": ...} per line (VLMs) or "
-                        "{\"text\": ...} (LMs) [default: the demo scene generator / bundled English text].",
-        show_default=False)] = None,
+    calib: CalibOpt = None,
     samples: Annotated[int, typer.Option("--samples", help="Calibration samples for Wanda and OWL.")] = 32,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per text calibration window (LMs).")] = 256,
     ecoflap_samples: Annotated[int, typer.Option(
