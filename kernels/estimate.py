@@ -22,6 +22,11 @@ import torch
 from torch import Tensor
 
 REFERENCE_LENGTH = 8192
+"""Length at which the forced minimums below apply in full; they shrink linearly under it."""
+SINK_COLUMNS = 30
+"""Vertical-slash: first key columns always kept (MInference's sink columns)."""
+NEAR_SLASHES = 100
+"""Vertical-slash: nearest diagonals always kept."""
 
 
 def scaled_minimum(base: int, n: int, reference: int = REFERENCE_LENGTH) -> int:
@@ -68,7 +73,7 @@ def _top_sorted(score: Tensor, counts: Tensor, n: int) -> Tensor:
 def estimate_vertical_slash(q: Tensor, k: Tensor, n_vertical: int | Sequence[int] | Tensor,
                             n_slash: int | Sequence[int] | Tensor, *, heads: Sequence[int] | None = None,
                             scale: float | None = None, rows: Tensor | None = None, last_q: int = 64,
-                            sink: int = 30, near: int = 100) -> tuple[Tensor, Tensor]:
+                            sink: int = SINK_COLUMNS, near: int = NEAR_SLASHES) -> tuple[Tensor, Tensor]:
     """MInference's vertical-slash estimate from the last queries.
 
     q: [B, H, N, D] post-RoPE; k: [B, Hkv, N, D]; ``heads``: the query heads to estimate

@@ -5,7 +5,7 @@ Every candidate becomes, per head and per input, the ``Layout`` the runtime
 so the recall measured offline is the recall the kernels keep
 (``tests/test_search_runtime_agreement.py`` checks the two against each other).
 Budgets are fractions of the length ``N`` (``vlsparse.profile``), turned into
-counts at each length by ``count(fraction, n, minimum) = clamp(round(fraction * n), minimum, n)``:
+counts at each length by ``budget_count(fraction, n, minimum) = clamp(round(fraction * n), minimum, n)``:
 
 ``a_shape`` (StreamingLLM / MInference "A-shape")
     key columns ``0 .. sink-1`` (minimum 0) plus the ``local`` (minimum 1) nearest diagonals.
@@ -48,14 +48,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlsparse.kernels.estimate import NEAR_SLASHES, SINK_COLUMNS, scaled_minimum
+from vlsparse.kernels.indices import budget_count, grid_slashes
 from vlsparse.search.recall import BLOCK, Layout, causal_tiles, num_blocks
 
-SINK_COLUMNS = 30
-"""Vertical lines always kept at >= 8k tokens (MInference sets the first 30 column scores to +inf)."""
-LOCAL_SLASHES = 100
-"""Nearest diagonals always kept at >= 8k tokens (MInference sets the last 100 diagonal scores to +inf)."""
-REFERENCE_LENGTH = 8192
-"""Below this length the forced minimums shrink in proportion (as in the runtime's estimator)."""
 LAST_Q = 64
 """Query rows the online estimate looks at."""
 GRID_PHASES = (0, 1, -1)
@@ -125,7 +121,7 @@ def catalogue(n0: int, images: bool = False, strides: tuple[int, ...] = (), spac
     candidates need image spans (``images``); grid candidates need image ``strides``.
     """
     frac = lambda tokens: min(1.0, tokens / n0)  # noqa: E731 - tiny local helper
-    vs = lambda v, s: (max(v, frac(SINK_COLUMNS)), max(s, frac(LOCAL_SLASHES)))  # noqa: E731
+    vs = lambda v, s: (max(v, frac(SINK_COLUMNS)), max(s, frac(NEAR_SLASHES)))  # noqa: E731
     out: list[Candidate] = []
     for pattern in space.patterns:
         if pattern == "a_shape":
@@ -156,16 +152,6 @@ def catalogue(n0: int, images: bool = False, strides: tuple[int, ...] = (), spac
 # ----------------------------------------------------------------------------- budget -> counts
 
 
-def count(fraction: float, n: int, minimum: int = 0) -> int:
-    """A budget stored as a fraction of N, in tokens at length ``n``: ``clamp(round(f n), minimum, n)``."""
-    return int(min(n, max(minimum, round(float(fraction) * n))))
-
-
-def scaled_minimum(base: int, n: int, reference: int = REFERENCE_LENGTH) -> int:
-    """``base`` at ``n >= reference`` tokens, scaled down linearly below (at least 1)."""
-    return max(1, min(base, math.ceil(base * n / reference)))
-
-
 BUDGET_MINIMUM = {"sink": 0, "local": 1, "vertical": 0, "slash": 1, "text_vertical": 0, "text_slash": 1,
                   "image_vertical": 0, "image_slash": 1}
 
@@ -177,7 +163,7 @@ def budget_counts(cand: Candidate, n: int, block: int = BLOCK) -> dict[str, int]
     out: dict[str, int] = {}
     for key, value in cand.budget:
         if key in BUDGET_MINIMUM:
-            out[key] = count(value, n, BUDGET_MINIMUM[key])
+            out[key] = budget_count(value, n, BUDGET_MINIMUM[key])
         elif key in ("blocks", "select"):
             out[key] = max(1, math.ceil(value * nb - 1e-6))
     return out
@@ -279,7 +265,7 @@ def estimate(q: torch.Tensor, k: torch.Tensor, scale: float, spans=(), last_q: i
              block: int = BLOCK) -> Estimates:
     """Run every online estimator for one layer of one input (``q``: ``[H, N, d]``, ``k``: ``[H_kv, N, d]``)."""
     n = q.shape[1]
-    sink, near = scaled_minimum(SINK_COLUMNS, n), scaled_minimum(LOCAL_SLASHES, n)
+    sink, near = scaled_minimum(SINK_COLUMNS, n), scaled_minimum(NEAR_SLASHES, n)
 
     def orders(rows: torch.Tensor):
         if rows.numel() == 0:
@@ -322,12 +308,6 @@ def slash_windows(offsets: torch.Tensor, n: int, block: int = BLOCK) -> torch.Te
 def _stack_starts(sets: list[torch.Tensor], pad: int) -> torch.Tensor:
     width = max(s.numel() for s in sets)
     return torch.stack([torch.nn.functional.pad(s, (0, width - s.numel()), value=pad) for s in sets])
-
-
-def grid_slashes(n: int, stride: int, phase: int, local: int) -> torch.Tensor:
-    """Offsets of the grid pattern: ``phase + m * stride`` (m >= 0) and the local band ``0 .. local-1``."""
-    periodic = torch.arange(phase % stride, n, stride) if stride > 0 else torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.arange(min(max(local, 1), n)), periodic]).unique()
 
 
 def block_topk_tiles(scores: torch.Tensor, share: float) -> torch.Tensor:
@@ -373,7 +353,7 @@ def _cached(est: Estimates, key, build):
 def _vs_sets(est: Estimates, kind: str, head: int, v: float, s: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted vertical columns, window starts) of one vertical-slash set."""
     n = est.n
-    nv, ns = count(v, n), count(s, n, 1)
+    nv, ns = budget_count(v, n), budget_count(s, n, 1)
     orders = est.orders.get(kind)
     if orders is None:
         return torch.empty(0, dtype=torch.long), slash_windows([], n, est.block)
@@ -391,12 +371,12 @@ def build_layout(cand: Candidate, est: Estimates, head: int) -> Layout:
     if cand.pattern == "dense":
         return Layout(tiles=causal_tiles(nb))
     if cand.pattern == "a_shape":
-        local = count(b["local"], n, 1)
+        local = budget_count(b["local"], n, 1)
         starts = _cached(est, ("local", local), lambda: slash_windows(torch.arange(local), n, block))
-        return Layout(starts=starts[None], columns=torch.arange(count(b["sink"], n)))
+        return Layout(starts=starts[None], columns=torch.arange(budget_count(b["sink"], n)))
     if cand.pattern == "grid":
         p = cand.parameters
-        slashes = grid_slashes(n, p["stride"], p["phase"], count(b["local"], n, 1))
+        slashes = grid_slashes(n, p["stride"], p["phase"], budget_count(b["local"], n, 1))
         starts = _cached(est, ("grid", p["stride"], p["phase"], slashes.numel()),
                          lambda: slash_windows(slashes, n, block))
         return Layout(starts=starts[None])
@@ -413,7 +393,7 @@ def build_layout(cand: Candidate, est: Estimates, head: int) -> Layout:
             return Layout(starts=starts[None], columns=cols)
         t_cols, t_starts = _vs_sets(est, "text", head, b["text_vertical"], b["text_slash"])
         i_cols, i_starts = _vs_sets(est, "image", head, b["image_vertical"], b["image_slash"])
-        ts, is_ = count(b["text_slash"], n, 1), count(b["image_slash"], n, 1)
+        ts, is_ = budget_count(b["text_slash"], n, 1), budget_count(b["image_slash"], n, 1)
         union = _cached(est, ("union", head, ts, is_), lambda: slash_windows(
             torch.cat([_offsets_of(est, "text", head, ts), _offsets_of(est, "image", head, is_)]), n, block))
         starts = _stack_starts([t_starts, i_starts, union], pad)
@@ -438,14 +418,14 @@ def needed_columns(est: Estimates, candidates: list[Candidate]) -> torch.Tensor:
     for cand in candidates:
         b = cand.budgets
         if cand.pattern == "a_shape":
-            sink = max(sink, count(b["sink"], n))
+            sink = max(sink, budget_count(b["sink"], n))
         elif cand.pattern == "vertical_slash":
-            most["all"] = max(most["all"], count(b["vertical"], n))
+            most["all"] = max(most["all"], budget_count(b["vertical"], n))
         elif cand.pattern == "modality_vertical_slash":
             kinds = (("text", "text_vertical"), ("image", "image_vertical")) if est.images else \
                 (("all", "text_vertical"),)
             for kind, key in kinds:
-                most[kind] = max(most[kind], count(b[key], n))
+                most[kind] = max(most[kind], budget_count(b[key], n))
     per_head = []
     for h in range(heads):
         parts = [torch.arange(sink)]

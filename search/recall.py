@@ -40,7 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 64
+from vlsparse.kernels.indices import BLOCK_SIZE, num_blocks
+
+BLOCK = BLOCK_SIZE
 """Tile side of the kernels' block layout."""
 
 STEP_ELEMENTS = 1 << 23
@@ -90,10 +92,6 @@ class Layout:
             raise ValueError("a layout has tiles or windows, not both")
         if self.columns is None:
             self.columns = torch.empty(0, dtype=torch.long)
-
-
-def num_blocks(n: int, block: int = BLOCK) -> int:
-    return -(-n // block)
 
 
 def causal_tiles(nb: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from vlsparse.models.adapter import ImageSpan
 from vlsparse.search.candidates import (block_groups, block_mass_tiles, block_topk_tiles, budget_counts,
-                                        build_layout, candidate, catalogue, count, estimate, grid_slashes,
+                                        build_layout, budget_count, candidate, catalogue, estimate, grid_slashes,
                                         priority_order, resize_tile_mask, scaled_minimum, slash_windows,
                                         vertical_slash_scores)
 
@@ -23,7 +23,7 @@ def test_slash_windows_cover_merged_diagonal_ranges_greedily():
 
 
 def test_counts_follow_the_runtime_rules():
-    assert count(0.1, 1000) == 100 and count(0.0, 1000, 1) == 1 and count(2.0, 10) == 10
+    assert budget_count(0.1, 1000) == 100 and budget_count(0.0, 1000, 1) == 1 and budget_count(2.0, 10) == 10
     assert scaled_minimum(30, 4096) == 15 and scaled_minimum(100, 16384) == 100 and scaled_minimum(30, 10) == 1
     vs = candidate("vertical_slash", {"vertical": 30 / 4096, "slash": 0.2})
     assert budget_counts(vs, 4096) == {"vertical": 30, "slash": 819}
