@@ -115,10 +115,8 @@ def run(
 
 def default_model(err: Console) -> str:
     """With no --model: the newest checkpoint `vlsparse prune` wrote here, else the demo model."""
-    try:
-        from vlsparse.compress.checkpoint import find_newest_checkpoint
-    except ImportError:
-        return "demo"
+    from vlsparse.compress.checkpoint import find_newest_checkpoint
+
     found = find_newest_checkpoint(Path.cwd())
     if found is None:
         return "demo"

@@ -51,7 +51,7 @@ class SparseRuntime:
         return self.profile.attention.layers[layer]
 
     def mean_density(self) -> float | None:
-        """Token-weighted mean density over the sparse prefill calls so far (dense layers count 1)."""
+        """Mean kept fraction over the prefill calls so far (all-dense layers count 1), or None."""
         if not self.calls:
             return None
         return sum(c.density for c in self.calls) / len(self.calls)
