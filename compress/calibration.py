@@ -9,9 +9,8 @@ Sources (``--calib``):
 - none, LM: random ``--seq-len`` token windows of English text that ships with
   CPython (the calibration split of ``pydoc_data.topics`` from
   ``vlsparse.perplexity``, disjoint from its held-out evaluation text).
-- a JSONL file, one object per line: ``{"image": "a.png", "prompt": "...",
-  "answer": "..."}`` (``"images": [...]`` for several; ``answer`` optional;
-  paths relative to the file) for VLMs, ``{"text": "..."}`` for LMs.
+- a JSONL file (the format of ``vlsparse.calib_file``): image-text entries, with
+  an optional ``answer``, for VLMs; ``{"text": ...}`` / ``{"text_file": ...}`` for LMs.
 
 Every batch carries ``labels`` (= ``input_ids`` with image and padding tokens
 set to -100) so the same batches serve ECoFLaP's loss and Wanda's statistics.
@@ -19,7 +18,6 @@ set to -100) so the same batches serve ECoFLaP's loss and Wanda's statistics.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,38 +75,13 @@ def _pairs_from_demo(samples: int, seed: int) -> list[tuple[list, str, str]]:
     return [(s.images, s.question, s.answer) for s in generate("vqa", samples, TRAIN_SEED_BASE + CALIB_SEED_OFFSET + seed)]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise InputError(f"calibration file {path} not found", "give a JSONL file with --calib")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path} line {number} is not JSON", "one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path} line {number} is not a JSON object", "one JSON object per line")
-        rows.append(row)
-    if not rows:
-        raise InputError(f"calibration file {path} is empty", "add at least one line")
-    return rows
-
-
 def _pairs_from_jsonl(path: Path, samples: int) -> list[tuple[list, str, str]]:
+    """Image-text pairs; a text entry becomes a prompt without images."""
+    from vlsparse.calib_file import read_entries
     from vlsparse.images import load_image
 
-    pairs = []
-    for number, row in enumerate(_read_jsonl(path)[:samples], start=1):
-        paths = row.get("images", [row["image"]] if "image" in row else [])
-        prompt = row.get("prompt") or row.get("question") or row.get("text")
-        if not isinstance(paths, list) or not isinstance(prompt, str) or not prompt.strip():
-            raise InputError(f"{path} entry {number} needs \"image\" (or \"images\") and \"prompt\"",
-                             'write lines like {"image": "a.png", "prompt": "Describe the picture."}')
-        images = [load_image(p if Path(p).is_absolute() else path.parent / p) for p in paths]
-        pairs.append((images, prompt, str(row.get("answer", ""))))
-    return pairs
+    return [([load_image(p) for p in e.images], e.text if e.is_text else e.prompt, e.answer)
+            for e in read_entries(path, samples)]
 
 
 def _texts(calib: Path | None) -> tuple[list[str], str]:
@@ -116,12 +89,14 @@ def _texts(calib: Path | None) -> tuple[list[str], str]:
         from vlsparse.perplexity import pydoc_text
 
         return pydoc_text("calib").split("\n\n"), "text:pydoc_data.topics(calib split)"
-    rows = _read_jsonl(calib)
-    texts = [r.get("text") for r in rows]
-    if not all(isinstance(t, str) for t in texts):
-        raise InputError(f"{calib}: every line of a text model's calibration needs \"text\"",
+    from vlsparse.calib_file import read_entries
+
+    entries = read_entries(calib)
+    bad = next((e for e in entries if not e.is_text), None)
+    if bad is not None:
+        raise InputError(f"{bad.where}: a text model's calibration needs \"text\" or \"text_file\" lines",
                          'write lines like {"text": "Some English prose ..."}')
-    return texts, f"jsonl:{calib}"
+    return [e.text for e in entries], f"jsonl:{calib}"
 
 
 def text_calibration(tokenizer, calib: Path | None, samples: int, seq_len: int, seed: int) -> CalibrationSet:

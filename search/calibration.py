@@ -9,10 +9,8 @@ Sources (``calibration_from``):
   a reserved slice of the evaluation split (``CALIB_SEED_BASE + seed + i``).
 - no ``--calib``, a text-only model: windows of CPython's pydoc topics
   (the calibration part of ``vlsparse.perplexity.pydoc_text``).
-- ``--calib FILE.jsonl``: one JSON object per line, either
-  ``{"images": ["a.png", ...], "prompt": "..."}`` (also ``"image"``,
-  ``"question"``) used as given, or ``{"text": "..."}`` / ``{"text_file": "x.txt"}``
-  for plain text; relative paths are relative to the JSONL file.
+- ``--calib FILE.jsonl``: image-text entries used as given, or plain text
+  (the format of ``vlsparse.calib_file``).
 - ``--calib FILE.txt`` or a folder of ``*.txt`` files: plain text, cut into
   ``samples`` windows of ``seq_len`` tokens at seeded random offsets.
 
@@ -22,7 +20,6 @@ tokenizer's BOS token when it has one.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -31,6 +28,7 @@ from typing import Any
 
 import torch
 
+from vlsparse.calib_file import read_text_file
 from vlsparse.errors import InputError
 
 CALIB_SEED_OFFSET = 500_000_000
@@ -122,56 +120,20 @@ def text_calibration(loaded, text: str, source: str, samples: int, seq_len: int,
 
 
 def jsonl_calibration(loaded, path: Path, samples: int, seq_len: int, seed: int) -> CalibrationSet:
-    """The first ``samples`` lines of a JSONL file (see the module docstring for the fields)."""
+    """The first ``samples`` entries of a JSONL file (format: ``vlsparse.calib_file``)."""
+    from vlsparse.calib_file import read_entries
     from vlsparse.images import load_image
 
     out: list[CalibSample] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if len(out) >= samples:
-            break
-        if not line.strip():
+    for entry in read_entries(path, samples):
+        if entry.is_text:
+            out.append(text_calibration(loaded, entry.text, entry.where, 1, seq_len, seed).samples[0])
             continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path} line {number} is not valid JSON ({exc.msg})",
-                             "write one JSON object per line") from exc
-        if not isinstance(entry, dict):
-            raise InputError(f"{path} line {number} is not a JSON object", "write one JSON object per line")
-        name = f"{path.name}:{number}"
-        images = entry.get("images", [entry["image"]] if "image" in entry else [])
-        prompt = entry.get("prompt", entry.get("question"))
-        if images or prompt:
-            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-                raise InputError(f"{path} line {number}: `images` should be a list of paths", "fix that line")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InputError(f"{path} line {number} has images but no `prompt`", "add a prompt string")
-            if images and not loaded.adapter.is_vlm:
-                raise InputError(f"{path} line {number} has images but {loaded.name} is a text-only model",
-                                 "use text lines, or a vision-language model")
-            out.append(CalibSample(name=name, images=[load_image(path.parent / p) for p in images], prompt=prompt))
-            continue
-        text = entry.get("text")
-        if text is None and "text_file" in entry:
-            text = _read_text(path.parent / str(entry["text_file"]))
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{path} line {number} has none of images/prompt/text/text_file",
-                             'write e.g. {"images": ["a.png"], "prompt": "Describe it."} or {"text": "..."}')
-        window = text_calibration(loaded, text, name, 1, seq_len, seed).samples[0]
-        out.append(window)
-    if not out:
-        raise InputError(f"{path} holds no calibration samples", "add at least one JSON line")
+        if entry.images and not loaded.adapter.is_vlm:
+            raise InputError(f"{entry.where} has images but {loaded.name} is a text-only model",
+                             "use text lines, or a vision-language model")
+        out.append(CalibSample(name=entry.where, images=[load_image(p) for p in entry.images], prompt=entry.prompt))
     return CalibrationSet(source=f"jsonl:{path.name}", samples=out, seq_len=seq_len, seed=seed)
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise InputError(f"calibration text file {path} not found", "check the path")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"calibration file {path} is not UTF-8 text", "give a .txt or .jsonl file") from exc
 
 
 def calibration_from(loaded, calib: str | Path | None = None, samples: int = 4, seq_len: int = 4096,
@@ -194,11 +156,11 @@ def calibration_from(loaded, calib: str | Path | None = None, samples: int = 4, 
         files = sorted(path.glob("*.txt"))
         if not files:
             raise InputError(f"calibration folder {path} has no .txt files", "put plain-text files in it")
-        text = "\n\n".join(_read_text(f) for f in files)
+        text = "\n\n".join(read_text_file(f) for f in files)
         return text_calibration(loaded, text, f"text:{path.name}", samples, seq_len, seed)
     if path.suffix == ".jsonl":
         return jsonl_calibration(loaded, path, samples, seq_len, seed)
-    return text_calibration(loaded, _read_text(path), f"text:{path.name}", samples, seq_len, seed)
+    return text_calibration(loaded, read_text_file(path), f"text:{path.name}", samples, seq_len, seed)
 
 
 def prepare_sample(loaded, sample: CalibSample) -> dict[str, Any]:

@@ -34,10 +34,11 @@ def test_jsonl_pairs_with_answer_and_labels(qwen2_vl_dir, image_file, tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [
-    ("not json", "not JSON"),
+    ("not json", "line 1 is not valid JSON"),
     ('{"prompt": "x"}\n[1]', "not a JSON object"),
     ('{"image": "missing.png", "prompt": "x"}', "not found"),
-    ('{"text": 3}', 'needs "image"'),
+    ('{"text": 3}', "none of images/prompt/text/text_file"),
+    ('{"image": "a.png", "prompt": "x"}\n{"image": "b.png"}', "line 2 has images but no `prompt`"),
 ])
 def test_bad_jsonl_is_one_input_error(qwen2_vl_dir, tmp_path, content, match):
     loaded = load(str(qwen2_vl_dir))
