@@ -29,11 +29,23 @@ RUNTIME_ATTR = "vlsparse_runtime"
 
 @dataclass
 class LayerCall:
-    """What one sparse prefill call kept: tokens and kept fraction of causal pairs."""
+    """One prefill call of a language layer: its index lists (None when it ran dense).
+
+    ``density`` (kept fraction of causal pairs) is computed on demand, for summaries,
+    so timing a prefill does not pay for it.
+    """
 
     layer: int
     tokens: int
-    density: float
+    index: Any = None
+
+    @property
+    def density(self) -> float:
+        if self.index is None:
+            return 1.0
+        from vlsparse.kernels.indices import index_density
+
+        return float(index_density(self.index, self.tokens).mean())
 
 
 @dataclass
@@ -51,7 +63,7 @@ class SparseRuntime:
         return self.profile.attention.layers[layer]
 
     def mean_density(self) -> float | None:
-        """Mean kept fraction over the prefill calls so far (all-dense layers count 1), or None."""
+        """Mean kept fraction over the latest prompt's prefill calls (all-dense layers count 1), or None."""
         if not self.calls:
             return None
         return sum(c.density for c in self.calls) / len(self.calls)
@@ -91,18 +103,18 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
     if runtime is None or layer is None or not _is_sparse_prefill(runtime, module, query, key, attention_mask):
         return _dense(module, query, key, value, attention_mask, **kwargs)
     from vlsparse.kernels.dispatch import sparse_attention
-    from vlsparse.kernels.indices import index_density, layer_index
+    from vlsparse.kernels.indices import layer_index
 
     heads = runtime.heads(layer)
     n = query.shape[2]
     scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
     if all(h.pattern == "dense" for h in heads):
-        runtime.calls.append(LayerCall(layer, n, 1.0))
+        runtime.calls.append(LayerCall(layer, n))
         return _dense(module, query, key, value, attention_mask, **kwargs)
     att = runtime.profile.attention
     index = layer_index(heads, query, key, scale=scale, spans=runtime.spans, masks=runtime.profile.tensors,
                         block_size=att.block_size, last_q=att.last_q)
-    runtime.calls.append(LayerCall(layer, n, float(index_density(index, n).mean())))
+    runtime.calls.append(LayerCall(layer, n, index))
     out = sparse_attention(query, key, value, index, scale, backend=runtime.backend)
     return out.transpose(1, 2).contiguous(), None
 
@@ -119,6 +131,7 @@ def _span_hook(runtime: SparseRuntime, adapter):
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[-1] > 1:  # a prefill: remember where the images are
             runtime.spans = [(s.start, s.end) for s in adapter.image_spans(kwargs)]
+            runtime.calls.clear()  # calls describe the latest prompt only (they hold its index lists)
         return None
 
     return hook
