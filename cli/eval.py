@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import statistics
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -29,6 +31,13 @@ Examples:
   vlsparse eval --model ./demo-pruned --task demo-multi --n 100 --json
 
   vlsparse eval --model smollm2 --task pydoc-ppl
+
+  vlsparse eval --task demo-multi --n 100 --profile profiles/demo.yaml   # sparse vs dense, same samples
+
+With --profile, the same samples are answered twice, dense and then with the profile's
+sparse attention (prefills of 512+ tokens), and the report sets the two side by side:
+accuracy, answers that agree, attention density kept, and median prefill time. The two
+passes run one after the other; `vlsparse bench e2e` interleaves them for timing.
 """
 
 
@@ -43,6 +52,24 @@ def _demo_table(result: dict, model: str, task: str) -> Table:
     table.add_row("all", str(result["n"]), f"{result['accuracy']:.3f} [{low:.3f}, {high:.3f}]", style="bold")
     table.caption = (f"chance {result['chance']:.3f} · mean prompt tokens {result['mean_prompt_tokens']:.0f} · "
                      f"seeds from {result['seed']}")
+    return table
+
+
+def _compare_table(sparse: dict, model: str, task: str, profile: Path) -> Table:
+    dense = sparse["dense"]
+    title = f"vlsparse eval · {model} · {task} · dense vs {profile.name}"
+    table = Table(title=title, title_justify="left", min_width=len(title))
+    for col in ("question type", "n", "dense", "sparse"):
+        table.add_column(col, justify="left" if col == "question type" else "right")
+    for qtype, row in sorted(sparse["per_qtype"].items()):
+        table.add_row(qtype, str(row["n"]), f"{dense['per_qtype'][qtype]['accuracy']:.3f}", f"{row['accuracy']:.3f}")
+    table.add_row("all", str(sparse["n"]), f"{dense['accuracy']:.3f}", f"{sparse['accuracy']:.3f}", style="bold")
+    table.add_row("median prefill", "", f"{sparse['prefill_ms']['dense']:.1f} ms", f"{sparse['prefill_ms']['sparse']:.1f} ms")
+    density = sparse["attention_density"]
+    table.caption = (f"accuracy delta {sparse['accuracy_delta']:+.3f} · same answer {sparse['agreement']:.1%} · "
+                     f"prefill speedup {sparse['prefill_speedup']:.2f}x · attention kept "
+                     f"{'n/a (prompts under the runtime minimum)' if density is None else f'{density:.1%}'} · "
+                     f"chance {sparse['chance']:.3f} · mean prompt tokens {sparse['mean_prompt_tokens']:.0f}")
     return table
 
 
@@ -62,6 +89,10 @@ def eval_command(
     n: Annotated[int, typer.Option("--n", help="Samples to evaluate (demo tasks).", min=1)] = 200,
     seed: SeedOpt = 0,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Window length in tokens (pydoc-ppl).", min=16)] = 512,
+    profile: Annotated[Optional[Path], typer.Option(
+        "--profile", help="Also answer with this profile's sparse attention; report it next to dense.",
+        show_default=False)] = None,
+    backend: Annotated[str, typer.Option("--backend", help="Sparse kernels (with --profile): auto, triton or torch.")] = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
@@ -73,6 +104,8 @@ def eval_command(
 
     if task not in DEMO_TASKS and task not in TEXT_TASKS:
         raise InputError(f"unknown task {task!r}", f"choose one of {', '.join([*DEMO_TASKS, *TEXT_TASKS])}")
+    if profile is not None and task in TEXT_TASKS:
+        raise InputError("--profile compares accuracy on demo-* tasks", "drop --profile, or pick a demo-* task")
     err = Console(stderr=True, quiet=quiet or json_out)
     with quiet_transformers():
         loaded = load(model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -80,6 +113,10 @@ def eval_command(
             result = _perplexity(loaded, seq_len, err)
             payload = {"model": loaded.name, "task": task, **result.__dict__}
             table = _ppl_table(result, loaded.name)
+        elif profile is not None:
+            result = _sparse_vs_dense(loaded, DEMO_TASKS[task], n, seed, profile, backend, err)
+            payload = {"model": loaded.name, "task": task, "profile": str(profile), **result}
+            table = _compare_table(result, loaded.name, task, profile)
         else:
             result = _demo_accuracy(loaded, DEMO_TASKS[task], n, seed, err)
             payload = {"model": loaded.name, "task": task, **result}
@@ -100,11 +137,45 @@ def _perplexity(loaded, seq_len: int, err: Console):
         return perplexity(loaded.model, loaded.processor, pydoc_text("heldout"), seq_len=seq_len)
 
 
-def _demo_accuracy(loaded, task: str, n: int, seed: int, err: Console) -> dict:
+def _demo_accuracy(loaded, task: str, n: int, seed: int, err: Console, label: str = "",
+                   progress=None) -> dict:
     from vlsparse.demo.evaluate import evaluate
 
-    with err.status(f"answering {n} {task} questions"):
-        return evaluate(loaded.model, loaded.processor, task=task, n=n, seed=seed)
+    with err.status(f"answering {n} {task} questions{label}"):
+        return evaluate(loaded.model, loaded.processor, task=task, n=n, seed=seed, progress=progress)
+
+
+def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backend: str, err: Console) -> dict:
+    """The same samples answered dense, then with ``profile``'s sparse attention attached."""
+    from vlsparse.kernels.bench_e2e import ForwardClock
+    from vlsparse.kernels.runtime import attach, detach
+    from vlsparse.profile import load_profile
+
+    profile_obj = load_profile(profile)
+    clocks = {"dense": ForwardClock(), "sparse": ForwardClock()}
+    handles = clocks["dense"].attach(loaded.model)
+    dense = _demo_accuracy(loaded, task, n, seed, err, " (dense)")
+    for handle in handles:
+        handle.remove()
+    runtime = attach(loaded, profile_obj, backend=backend)
+    densities: list[float] = []
+
+    def note_density() -> None:
+        if runtime.mean_density() is not None:
+            densities.append(runtime.mean_density())
+
+    handles = clocks["sparse"].attach(loaded.model)
+    try:
+        sparse = _demo_accuracy(loaded, task, n, seed, err, " (sparse)", progress=note_density)
+    finally:
+        for handle in handles:
+            handle.remove()
+        detach(loaded, runtime)
+    prefill = {name: 1000 * statistics.median(c.prefill_s) for name, c in clocks.items()}
+    same = sum(a == b for a, b in zip(dense["answers"], sparse["answers"]))
+    return {**sparse, "dense": dense, "accuracy_delta": sparse["accuracy"] - dense["accuracy"],
+            "agreement": same / n, "attention_density": statistics.mean(densities) if densities else None,
+            "prefill_ms": prefill, "prefill_speedup": prefill["dense"] / prefill["sparse"]}
 
 
 def register(app: typer.Typer) -> None:

@@ -63,16 +63,18 @@ def evaluate(model, processor, task: str = "vqa", n: int = 200, seed: int = 0,
     """Accuracy of ``model`` on ``n`` held-out samples of ``task`` (vqa, multi, grid).
 
     Returns ``accuracy``, ``ci95``, ``per_qtype`` ({qtype: {n, accuracy}}),
-    ``chance`` (mean 1/#answers), ``mean_prompt_tokens``, ``n``, ``seed``, ``task``.
+    ``chance`` (mean 1/#answers), ``mean_prompt_tokens``, ``n``, ``seed``, ``task``, and
+    ``answers`` (the first word of each answer, in sample order, to compare two runs).
     """
     was_training = model.training
     model.eval()
     samples = scenes.generate(task, n, scenes.EVAL_SEED_BASE + seed, **sample_kwargs)
     per = defaultdict(lambda: [0, 0])
-    correct, tokens, chance = 0, 0, 0.0
+    correct, tokens, chance, answers = 0, 0, 0.0, []
     for sample in samples:
         text, prompt_len = answer_sample(model, processor, sample)
-        ok = first_word(text) == sample.answer
+        answers.append(first_word(text))
+        ok = answers[-1] == sample.answer
         correct += ok
         tokens += prompt_len
         chance += 1 / len(scenes.ANSWERS[sample.qtype])
@@ -91,4 +93,5 @@ def evaluate(model, processor, task: str = "vqa", n: int = 200, seed: int = 0,
         "per_qtype": {q: {"n": t, "accuracy": c / t} for q, (c, t) in sorted(per.items())},
         "chance": chance / n if n else 0.0,
         "mean_prompt_tokens": tokens / n if n else 0.0,
+        "answers": answers,
     }
