@@ -320,6 +320,18 @@ def describe(shapes: list[Shape]) -> QA:
     return QA("Describe this picture.", text, "caption")
 
 
+def list_by_kind(shapes: list[Shape]) -> QA:
+    """Every shape in a fixed order of kinds, each with its colour and position:
+    "circle yellow bottomleft , square blue top".
+
+    Not a benchmark question: the counterpart of ``describe`` for training, where each
+    colour and position has to be found from the kind named just before it.
+    """
+    ordered = sorted(shapes, key=lambda s: SHAPES.index(s.kind))
+    text = " , ".join(f"{s.kind} {s.color} {s.position}" for s in ordered)
+    return QA("Which shapes are there?", text, "caption")
+
+
 def lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
