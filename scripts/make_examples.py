@@ -34,7 +34,8 @@ def main() -> None:
         seed, shapes = first_scene_with(kind, start)
         scenes.render(shapes).save(OUT / name)
         target = next(s for s in shapes if s.kind == kind)
-        answers = {"What color is the circle?": target.color, "How many shapes are there?":
+        questions = questions + [f"What shape is {target.color}?"]
+        answers = {f"What shape is {target.color}?": target.kind, "What color is the circle?": target.color, "How many shapes are there?":
                    scenes.COUNT_WORDS[len(shapes) - 1], "Where is the square?": target.position,
                    "What color is the square?": target.color}
         lines += [f"## {name}", "", f"Shapes: {describe(shapes)}.", ""]

@@ -16,12 +16,9 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def demo_folder() -> Path:
     """The packaged demo model's folder (``vlsparse/demo/weights``)."""
-    try:
-        from vlsparse.demo.build import demo_path
+    from vlsparse.demo.build import demo_path
 
-        path = Path(demo_path())
-    except ImportError:
-        path = Path(__file__).resolve().parent.parent / "demo" / "weights"
+    path = demo_path()
     if not (path / "config.json").is_file():
         raise ModelLoadError("the embedded demo model's weights are missing from this install",
                              "reinstall vlsparse, or train them with `python scripts/train_demo.py`")
