@@ -7,7 +7,9 @@ forward is copied: transformers hands the function post-RoPE queries and keys
 module (``module.layer_idx`` picks the profile's layer).
 
 Per call: a language-layer **prefill** (query length = key length, no
-padding mask, causal, at least ``min_len`` tokens) follows the profile,
+padding mask, causal, at least ``min_len`` tokens) follows the profile unless its
+heads' recorded densities average above ``dense_above`` (then SDPA is faster: the
+CPU path reaches about half of the ideal 1/density speedup, so near-dense layers lose),
 building that layer's index lists from the input (``layer_index``) and
 running the sparse kernel of the chosen backend; everything else (decode
 steps, vision tower, short prompts, padded batches) runs dense SDPA. Image
@@ -55,6 +57,7 @@ class SparseRuntime:
     profile: Profile
     backend: str = "auto"
     min_len: int = 512
+    dense_above: float = 0.5
     enabled: bool = True
     spans: list[tuple[int, int]] = field(default_factory=list)
     calls: list[LayerCall] = field(default_factory=list)
@@ -108,7 +111,7 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
     heads = runtime.heads(layer)
     n = query.shape[2]
     scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-    if all(h.pattern == "dense" for h in heads):
+    if all(h.pattern == "dense" for h in heads) or sum(h.density for h in heads) / len(heads) > runtime.dense_above:
         runtime.calls.append(LayerCall(layer, n))
         return _dense(module, query, key, value, attention_mask, **kwargs)
     att = runtime.profile.attention
@@ -137,7 +140,8 @@ def _span_hook(runtime: SparseRuntime, adapter):
     return hook
 
 
-def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512) -> SparseRuntime:
+def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512,
+           dense_above: float = 0.5) -> SparseRuntime:
     """Make ``loaded.model`` run its language-layer prefills with ``profile``; returns the runtime.
 
     Checks that the profile was made for this model (one-line ``ProfileError`` otherwise).
@@ -149,7 +153,7 @@ def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512) 
         from vlsparse.errors import InputError
 
         raise InputError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
-    runtime = SparseRuntime(profile=profile, backend=backend, min_len=min_len)
+    runtime = SparseRuntime(profile=profile, backend=backend, min_len=min_len, dense_above=dense_above)
     register_attention()
     for layer in loaded.adapter.lm_layers():
         setattr(loaded.adapter.attention(layer), RUNTIME_ATTR, runtime)

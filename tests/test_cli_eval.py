@@ -41,7 +41,8 @@ def test_eval_with_profile_sets_sparse_next_to_dense_on_the_same_samples(llava_d
 
     loaded = load(str(llava_dir))
     exact = _profile_file(tmp_path, loaded, HeadProfile("block_sparse", {"blocks": 1.0}), "exact.yaml")
-    thin = _profile_file(tmp_path, loaded, HeadProfile("a_shape", {"sink": 0.01, "local": 0.02}), "thin.yaml")
+    thin = _profile_file(tmp_path, loaded, HeadProfile("a_shape", {"sink": 0.01, "local": 0.02}, density=0.05),
+                         "thin.yaml")
     args = ["eval", "--model", str(llava_dir), "--task", "demo-multi", "--n", "2", "--json"]
     same = json.loads(runner.invoke(build_app(), [*args, "--profile", str(exact)]).stdout)
     assert same["mean_prompt_tokens"] >= 512  # long enough for the sparse runtime

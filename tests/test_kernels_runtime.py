@@ -34,7 +34,7 @@ def test_all_covering_sparse_lists_reproduce_sdpa_logits(vlm_dirs, key):
     inputs = _inputs(loaded)
     dense = _logits(loaded, inputs)
     everything = HeadProfile("block_sparse", {"blocks": 1.0})  # every causal block: exact attention
-    runtime = attach(loaded, uniform_profile(loaded.adapter, everything), min_len=0)
+    runtime = attach(loaded, uniform_profile(loaded.adapter, everything), min_len=0, dense_above=1.0)
     sparse = _logits(loaded, inputs)
     assert len(runtime.calls) == loaded.adapter.num_layers
     assert all(c.density == pytest.approx(1.0) for c in runtime.calls)
@@ -53,7 +53,7 @@ def test_a_sparse_profile_changes_attention_and_reports_density(llava_dir):
     loaded = load(llava_dir)
     inputs = _inputs(loaded, n_images=24)  # ~400 tokens: seven query blocks of 64
     dense = _logits(loaded, inputs)
-    head = HeadProfile("a_shape", {"sink": 0.01, "local": 0.02})
+    head = HeadProfile("a_shape", {"sink": 0.01, "local": 0.02}, density=0.1)
     runtime = attach(loaded, uniform_profile(loaded.adapter, head), min_len=0)
     sparse = _logits(loaded, inputs)
     assert 0 < runtime.mean_density() < 1
@@ -62,11 +62,23 @@ def test_a_sparse_profile_changes_attention_and_reports_density(llava_dir):
     assert (_logits(loaded, inputs) - dense).abs().max() < 1e-5
 
 
+def test_layers_recorded_as_near_dense_run_sdpa(llava_dir):
+    loaded = load(llava_dir)
+    inputs = _inputs(loaded, n_images=24)
+    dense = _logits(loaded, inputs)
+    near_dense = HeadProfile("a_shape", {"sink": 0.01, "local": 0.02}, density=0.8)
+    runtime = attach(loaded, uniform_profile(loaded.adapter, near_dense), min_len=0, dense_above=0.5)
+    assert (_logits(loaded, inputs) - dense).abs().max() < 1e-5  # SDPA, not the thin A-shape
+    assert runtime.calls and all(c.index is None for c in runtime.calls)
+    runtime.dense_above = 0.9
+    assert (_logits(loaded, inputs) - dense).abs().max() > 1e-3  # below the cut: the pattern runs
+
+
 def test_runtime_records_image_spans_and_decode_stays_dense(qwen2_vl_dir):
     loaded = load(qwen2_vl_dir)
     inputs = _inputs(loaded, n_images=2)
     runtime = attach(loaded, uniform_profile(loaded.adapter, HeadProfile("block_sparse", {"blocks": 1.0})),
-                     min_len=0)
+                     min_len=0, dense_above=1.0)
     with torch.inference_mode():
         loaded.model.generate(**inputs, max_new_tokens=3, do_sample=False)
     spans = loaded.adapter.image_spans(inputs)
