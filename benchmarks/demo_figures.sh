@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The figures of the README and the closing notes, measured on the embedded demo model in
+# one run, one command after the other (so the machine's load hits them alike).
+#
+#   bash benchmarks/demo_figures.sh [WORKDIR]      # default: figures-run/ (about 30 minutes here)
+#
+# Every command is one a user can type; its stdout (JSON where the command has --json) goes
+# to WORKDIR/<step>.out, its summary (stderr) to WORKDIR/<step>.log, and `/usr/bin/time -v` adds wall time and peak RSS there.
+set -euo pipefail
+
+WORK=${1:-figures-run}
+mkdir -p "$WORK"
+cd "$WORK"
+VLSPARSE=${VLSPARSE:-vlsparse}
+
+step() {  # step NAME ARGS...: run `vlsparse ARGS`, stdout to NAME.out, summary + time to NAME.log
+  local name=$1
+  shift
+  echo "== $name: vlsparse $*" >&2
+  /usr/bin/time -v "$VLSPARSE" "$@" >"$name.out" 2>"$name.log" || { tail -5 "$name.log" >&2; return 1; }
+  grep -E "Elapsed|Maximum resident" "$name.log" >&2 || true
+}
+
+# 1. dense accuracy (issue 3)
+step eval-vqa eval --task demo-vqa --n 500 --json
+step eval-multi eval --task demo-multi --n 100 --json
+step eval-grid eval --task demo-grid --n 100 --json
+
+# 2. attention profiles at 4k and 16k tokens (issue 4)
+step profile-4k profile --seq-len 4096
+step profile-16k profile --seq-len 16384 --out profile-16k/demo.yaml  # outside ./profiles: prune carries the 4k one
+
+# 3. the sparse runtime on the long tasks, same samples as dense (issue 5)
+step sparse-multi eval --task demo-multi --n 100 --profile profiles/demo.yaml --json
+step sparse-grid eval --task demo-grid --n 100 --profile profiles/demo.yaml --json
+
+# 4. pruning at 50%: three allocations, and the packed size (issue 6)
+for allocation in ecoflap owl uniform; do
+  step "prune-$allocation" prune --ratio 0.5 --allocation "$allocation" --out "demo-$allocation-50" --force
+  step "eval-vqa-$allocation" eval --model "demo-$allocation-50" --task demo-vqa --n 500 --json
+done
+step prune-packed prune --ratio 0.5 --pack --out demo-ecoflap-50-packed --force
+du -sb demo-ecoflap-50 demo-ecoflap-50-packed >sizes.txt  # checkpoint folders on disk, bytes
+
+# 5. core neurons and core tokens, then everything end to end (issue 7)
+step calibrate calibrate                      # adds the core section to ./profiles/demo.yaml
+step calibrate-pruned calibrate --model demo-ecoflap-50  # into the checkpoint's vlsparse.yaml
+step bench-e2e bench e2e --pruned demo-ecoflap-50 --n 50 --json
+echo "done: $(pwd)" >&2
