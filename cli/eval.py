@@ -161,8 +161,9 @@ def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backen
     densities: list[float] = []
 
     def note_density() -> None:
-        if runtime.mean_density() is not None:
-            densities.append(runtime.mean_density())
+        density = runtime.mean_density()
+        if density is not None:
+            densities.append(density)
 
     handles = clocks["sparse"].attach(loaded.model)
     try:

@@ -129,12 +129,15 @@ def register_attention() -> None:
     AttentionInterface.register(ATTENTION_NAME, vlsparse_attention)
 
 
-def _span_hook(runtime: SparseRuntime, adapter):
+def _prefill_hook(runtime: SparseRuntime, adapter):
+    """Forward pre-hook: at each prefill, forget the previous prompt's calls and note the image spans."""
+
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[-1] > 1:  # a prefill: remember where the images are
-            runtime.spans = [(s.start, s.end) for s in adapter.image_spans(kwargs)]
+        if ids is not None and ids.shape[-1] > 1:
             runtime.calls.clear()  # calls describe the latest prompt only (they hold its index lists)
+            if adapter.is_vlm:
+                runtime.spans = [(s.start, s.end) for s in adapter.image_spans(kwargs)]
         return None
 
     return hook
@@ -158,8 +161,7 @@ def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512,
     for layer in loaded.adapter.lm_layers():
         setattr(loaded.adapter.attention(layer), RUNTIME_ATTR, runtime)
     loaded.model.set_attn_implementation(ATTENTION_NAME)
-    if loaded.adapter.is_vlm:
-        loaded.model.register_forward_pre_hook(_span_hook(runtime, loaded.adapter), with_kwargs=True)
+    loaded.model.register_forward_pre_hook(_prefill_hook(runtime, loaded.adapter), with_kwargs=True)
     return runtime
 
 

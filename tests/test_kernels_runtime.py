@@ -90,3 +90,14 @@ def test_profile_for_another_model_is_refused(llava_dir, llama_dir):
     llava, llama = load(llava_dir), load(llama_dir)
     with pytest.raises(ProfileError, match="made for"):
         attach(llama, uniform_profile(llava.adapter, HeadProfile("dense")))
+
+
+def test_calls_describe_the_latest_prompt_for_text_models_too(llama_dir):
+    loaded = load(llama_dir)
+    head = HeadProfile("a_shape", {"sink": 0.01, "local": 0.02}, density=0.1)
+    runtime = attach(loaded, uniform_profile(loaded.adapter, head), min_len=0)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (1, 200))
+    for _ in range(2):
+        with torch.inference_mode():
+            loaded.model(input_ids=ids)
+    assert len(runtime.calls) == loaded.adapter.num_layers  # the first prompt's index lists are released
