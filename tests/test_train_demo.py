@@ -74,3 +74,11 @@ def test_log_check_matches_steps_and_measures_the_largest_relative_difference(tm
     matched, worst, where = check_train_log.compare(check_train_log.read_losses(reference),
                                                     check_train_log.read_losses(rerun))
     assert matched == 2 and abs(worst - 0.01) < 1e-9 and where == ("vision", 1)
+
+
+def test_tile_targets_label_every_patch_with_the_tiles_one_shape():
+    tile = scenes.Shape("star", "purple", scenes.COLORS["purple"], 1, 1, 32.0, 30.0, 15.0)
+    targets = train_demo.tile_targets(tile, side=6)
+    assert set(targets[:, 0].tolist()) == {1 + scenes.SHAPES.index("star")}
+    assert set(targets[:, 1].tolist()) == {1 + list(scenes.COLORS).index("purple")}
+    assert torch.equal(targets[:, 2], train_demo.patch_targets([], side=6)[:, 2])  # cells as for scenes
