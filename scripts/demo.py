@@ -64,7 +64,7 @@ def main() -> None:
     if demo_model_available():
         model_args: list[str] = []
         image = REPO / "examples" / "scene.png"
-        question = "What shape is yellow?"  # the circle; kind-keyed questions are weak (README)
+        question = "What color is the circle?"  # yellow
     else:
         print("demo: the embedded demo model is not in this build yet; using a tiny random LLaVA built now "
               "(its answers are gibberish).", flush=True)
