@@ -36,7 +36,8 @@ import torch
 from vlsparse.demo import build, scenes
 
 TRAIN_ATTENTION = "vlsparse_train"
-_SCOPE = re.compile(r"^in (?:image (\d+)|row (\d+), column (\d+)),\s*")
+QUESTION_SCOPE = re.compile(r"^in (?:image (\d+)|row (\d+), column (\d+)),\s*")
+"""The "In image k, " / "In row r, column c, " prefix of multi and grid questions (lower-cased)."""
 KINDS = ("object", "image", "word", "label")
 LABEL_PATCHES = 16
 """Patches per image whose ``label`` attention is supervised (a fixed-stride sample)."""
@@ -73,7 +74,7 @@ def turn_object(sample: scenes.Sample, qa: scenes.QA) -> tuple[int, int | None] 
     """
     text = qa.question.lower()
     image = 0
-    match = _SCOPE.match(text)
+    match = QUESTION_SCOPE.match(text)
     if match:
         if match.group(1):
             image = int(match.group(1)) - 1
@@ -111,9 +112,9 @@ def build_targets(samples, turns, input_ids, tokenizer, image_token_id: int, sid
     assistant = tokenizer.convert_tokens_to_ids("assistant")
     user = tokenizer.convert_tokens_to_ids("user")
     colon = tokenizer.convert_tokens_to_ids(":")
-    numerals = {tokenizer.convert_tokens_to_ids(str(k)) for k in range(1, build.MAX_NUMBER + 1)}
-    object_words = torch.tensor(sorted(numerals | {tokenizer.convert_tokens_to_ids(w)
-                                                   for w in (*scenes.SHAPES, *scenes.COLORS)}))
+    numerals = torch.tensor([tokenizer.convert_tokens_to_ids(str(k)) for k in range(1, build.MAX_NUMBER + 1)])
+    object_words = torch.cat([numerals, torch.tensor([tokenizer.convert_tokens_to_ids(w)
+                                                      for w in (*scenes.SHAPES, *scenes.COLORS)])])
     cells = patch_cells(side)
     B, L = input_ids.shape
     per_kind = {k: [[] for _ in range(B)] for k in kinds}
@@ -147,8 +148,7 @@ def build_targets(samples, turns, input_ids, tokenizer, image_token_id: int, sid
                 first = int(patches[i, 0])
                 prev = int(patches[i - 1, -1]) if i else 0
                 span = torch.arange(prev + 1, first)
-                nums = span[torch.tensor([int(ids[p]) in numerals for p in span], dtype=torch.bool)] \
-                    if span.numel() else span
+                nums = span[torch.isin(ids[span], numerals)]
                 if nums.numel():
                     for p in patches[i, ::stride].tolist():
                         per_kind["label"][b].append((p, nums))
@@ -173,11 +173,11 @@ class AttentionProbe:
 
     def __init__(self, heads: tuple[int, ...]):
         self.heads = torch.tensor(heads)
-        self.rows = self.valid = self.key_valid = None
-        self.logp = None
+        self.rows = self.key_valid = self.logp = None
 
-    def arm(self, rows: torch.Tensor, valid: torch.Tensor, key_valid: torch.Tensor) -> None:
-        self.rows, self.valid, self.key_valid, self.logp = rows, valid, key_valid, None
+    def arm(self, rows: torch.Tensor, key_valid: torch.Tensor) -> None:
+        """Capture rows ``rows`` [B, R] at the next forward; keys where ``key_valid`` [B, L] (not padding)."""
+        self.rows, self.key_valid, self.logp = rows, key_valid, None
 
     def capture(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         B, H, L, D = query.shape

@@ -151,7 +151,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 OBJECT_WORDS = frozenset(scenes.SHAPES) | frozenset(scenes.COLORS)
-_SCOPE = re.compile(r"^in (image \d+|row \d+, column \d+),")
 
 
 def without_leaks(first: scenes.QA, followups: list[scenes.QA]) -> list[scenes.QA]:
@@ -168,8 +167,8 @@ def without_leaks(first: scenes.QA, followups: list[scenes.QA]) -> list[scenes.Q
 
     def names(qa: scenes.QA) -> set[tuple[str, str]]:
         text = f"{qa.question} {qa.answer}".lower()
-        match = _SCOPE.match(text)
-        scope = match.group(1) if match else ""
+        match = supervision.QUESTION_SCOPE.match(text)
+        scope = match.group(0) if match else ""
         return {(scope, w) for w in re.findall(r"[a-z]+", text) if w in OBJECT_WORDS}
 
     named |= names(first)
@@ -257,17 +256,14 @@ def patch_targets(shapes: list[scenes.Shape], side: int) -> torch.Tensor:
     """
     by_cell = {(s.row, s.col): s for s in shapes}
     colors = list(scenes.COLORS)
+    cells = supervision.patch_cells(side)
     out = torch.zeros(side * side, 3, dtype=torch.long)
-    for i in range(side):
-        for j in range(side):
-            row = min(2, int((i + 0.5) / side * 3))
-            col = min(2, int((j + 0.5) / side * 3))
-            s = by_cell.get((row, col))
-            out[i * side + j] = torch.tensor([
-                0 if s is None else 1 + scenes.SHAPES.index(s.kind),
-                0 if s is None else 1 + colors.index(s.color),
-                row * 3 + col,
-            ])
+    out[:, 2] = cells
+    for patch, cell in enumerate(cells.tolist()):
+        s = by_cell.get(divmod(cell, 3))
+        if s is not None:
+            out[patch, 0] = 1 + scenes.SHAPES.index(s.kind)
+            out[patch, 1] = 1 + colors.index(s.color)
     return out
 
 
@@ -445,7 +441,7 @@ def arm_probes(probes, samples, batch, processor, image_token_id: int, side: int
     for t, probe in probes:
         rows, valid, targets = found[t.kind]
         if valid.any():
-            probe.arm(rows, valid, key_valid)
+            probe.arm(rows, key_valid)
             armed.append((f"{t.kind}{t.layer}", probe, valid, targets))
     return armed
 
@@ -502,7 +498,9 @@ def train(cfg: TrainConfig) -> Path:
         pretrain_vision(model, processor, cfg, log, start)
     if cfg.freeze_vision:  # as LLaVA keeps its CLIP encoder frozen
         model.model.vision_tower.requires_grad_(False)
-    feature_probe = FeatureProbe(model, cfg.feature_probe_layer, tiles=cfg.vision_tiles > 0) if cfg.feature_probe_layer >= 0 else None
+    feature_probe = None
+    if cfg.feature_probe_layer >= 0:
+        feature_probe = FeatureProbe(model, cfg.feature_probe_layer, tiles=cfg.vision_tiles > 0)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if feature_probe is not None:
         trained += list(feature_probe.head.named_parameters())
