@@ -78,11 +78,12 @@ def _padded(x: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
     return x.contiguous()
 
 
-def _causal_tail_mask(windows: int, bs: int, dtype: torch.dtype) -> Tensor:
-    """Additive mask [1, 1, bs, windows*bs]: 0, except -inf above the diagonal of the last bs x bs tile."""
-    mask = torch.zeros(1, 1, bs, windows * bs, dtype=dtype)
-    mask[..., -bs:].masked_fill_(torch.ones(bs, bs, dtype=torch.bool).triu(1), float("-inf"))
-    return mask
+def _causal_tail_masks(windows: int, bs: int, dtype: torch.dtype):
+    """``tail(c)``: additive mask [1, 1, bs, c*bs] for c <= ``windows``: 0, except -inf above the diagonal of
+    the last bs x bs tile. All are views of one tensor built once (the CPU kernel takes row-strided masks)."""
+    full = torch.zeros(1, 1, bs, max(windows, 1) * bs, dtype=dtype)
+    full[..., -bs:].masked_fill_(torch.ones(bs, bs, dtype=torch.bool).triu(1), float("-inf"))
+    return lambda count: full[..., full.shape[-1] - count * bs:]
 
 
 def _groups(sizes: Tensor, cost_per_unit: int, capacity: int, floor: int = 0):
@@ -174,6 +175,7 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     cols = index.column_index.reshape(e_total, -1).long()
     out = torch.empty(e_total, bs, d, dtype=compute_dtype)
     lse = torch.empty(e_total, bs, dtype=torch.float32)
+    tail_mask = _causal_tail_masks(int(n_windows.max()) if e_total else 1, bs, compute_dtype)
 
     # 1) trailing runs read in place: consecutive blocks' runs are one strided view of K and V
     in_place = torch.zeros(e_total, dtype=torch.long)
@@ -182,7 +184,7 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
         shape, stride = (e1 - e0, 1, run * bs, d), (bs * d, 0, d, 1)
         o, l = attention_lse(qf[e0:e1].view(e1 - e0, 1, bs, d), kf.as_strided(shape, stride, first_row * d),
                              vf.as_strided(shape, stride, first_row * d), scale,
-                             mask=_causal_tail_mask(run, bs, compute_dtype))
+                             mask=tail_mask(run))
         out[e0:e1] = o.view(e1 - e0, bs, d)
         lse[e0:e1] = l.view(e1 - e0, bs)
         in_place[e0:e1] = run
@@ -203,7 +205,7 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
         vg = torch.index_select(v_windows, 0, starts, out=vws[: g * count * bs * d].view(g * count, bs, d))
         qg = torch.index_select(qf, 0, rows, out=qws[: g * bs * d].view(g, bs, d))
         o, l = attention_lse(qg.view(g, 1, bs, d), kg.view(g, 1, count * bs, d), vg.view(g, 1, count * bs, d),
-                             scale, mask=_causal_tail_mask(count, bs, compute_dtype))
+                             scale, mask=tail_mask(count))
         out.index_copy_(0, rows, o.view(g, bs, d))
         lse.index_copy_(0, rows, l.view(g, bs))
 
