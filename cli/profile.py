@@ -23,7 +23,10 @@ A-shape, vertical-slash, block-sparse top-k and cumulative mass, grid
 (diagonals at the image row or frame stride), modality-aware vertical-slash, static SparseD masks, at several
 budgets) are scored by exact attention recall over all query rows of every
 calibration sample; the head keeps the cheapest one (kept query-key pairs in
-the kernels' 64x64 block layout) that reaches --recall on every sample.
+the kernels' 64x64 block layout) that reaches --recall on every sample, and
+--tail-recall over the sample's last 64-row block (the question and the row
+that predicts the answer, which the all-rows mean hardly sees). By default that
+block runs dense in every head (--no-dense-tail to score it like the rest).
 Indices are estimated as the runtime will (last 64 queries, pooled blocks).
 
 Calibration: the demo scene generator for vision-language models, CPython's
@@ -70,6 +73,12 @@ def profile(
     seed: SeedOpt = 0,
     recall: Annotated[float, typer.Option("--recall", help="Attention recall each head must keep on every sample.",
                                           min=0.0, max=1.0)] = 0.95,
+    tail_recall: Annotated[Optional[float], typer.Option(
+        "--tail-recall", help="Recall each head must keep over the last 64-row query block of every sample "
+                              "[default: --recall; 0 turns the guard off].", min=0.0, max=1.0,
+        show_default=False)] = None,
+    dense_tail: Annotated[bool, typer.Option("--dense-tail/--no-dense-tail",
+                                             help="Run the last 64-row query block dense in every head.")] = True,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Profile path [default: ./profiles/MODEL.yaml].",
                                                show_default=False)] = None,
     png: Annotated[Optional[str], typer.Option("--png", help="Figure path [default: the profile's path with .png].",
@@ -105,7 +114,8 @@ def profile(
         loaded = load(model_arg or model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code)
         calibration = calibration_from(loaded, calib, samples=samples, seq_len=seq_len, seed=seed)
-        result = profile_model(loaded, calibration, recall=recall, threads=threads or auto_threads(), progress=say)
+        result = profile_model(loaded, calibration, recall=recall, threads=threads or auto_threads(), progress=say,
+                               tail_recall=tail_recall, dense_tail=dense_tail)
     seconds = time.perf_counter() - started
     out_path = Path(out) if out else default_out(loaded.name)
     save_profile(result, out_path)

@@ -352,6 +352,23 @@ def grid_index(n: int, stride: int | Sequence[int], phase: int | Sequence[int], 
 # ----------------------------------------------------------------------------- whole layer
 
 
+def with_dense_tail(index: SparseIndex, n: int) -> SparseIndex:
+    """The same lists, except that the last query block attends to every causal key (its aligned
+    windows ``0, bs, .., r0``; no columns). In a prompt that ends with a question, those rows
+    hold the question and the row that predicts the answer; at most ``bs`` rows, so it costs
+    ``2 / (NQB + 1)`` of the causal pairs at most."""
+    bs = index.block_size
+    nqb = num_blocks(n, bs)
+    width = max(index.block_offset.shape[-1], nqb)
+    offsets = torch.nn.functional.pad(index.block_offset, (0, width - index.block_offset.shape[-1])).clone()
+    offsets[:, :, -1, :] = 0
+    offsets[:, :, -1, :nqb] = torch.arange(nqb, dtype=offsets.dtype, device=offsets.device) * bs
+    counts, columns = index.block_count.clone(), index.column_count.clone()
+    counts[:, :, -1] = nqb
+    columns[:, :, -1] = 0
+    return SparseIndex(counts, offsets, columns, index.column_index, bs)
+
+
 def budget_count(fraction: float, n: int, minimum: int = 0) -> int:
     """A budget stored as a fraction of N, in tokens at this length: round(f * n) clamped to [minimum, n]."""
     return int(min(n, max(minimum, round(float(fraction) * n))))
@@ -379,7 +396,7 @@ def merge_heads(parts: Sequence[tuple[Sequence[int], SparseIndex]], heads: int, 
 
 def layer_index(heads: Sequence[HeadProfile], q: Tensor, k: Tensor, *, scale: float | None = None,
                 spans: Sequence[tuple[int, int]] = (), masks: Mapping[str, Tensor] | None = None,
-                block_size: int = BLOCK_SIZE, last_q: int = 64) -> SparseIndex:
+                block_size: int = BLOCK_SIZE, last_q: int = 64, dense_tail: bool = False) -> SparseIndex:
     """Build one layer's lists for all query heads from their profiles and this input.
 
     q: [B, H, N, D] (post-RoPE), k: [B, Hkv, N, D]; ``heads[h]`` is query head h's profile;
@@ -390,6 +407,7 @@ def layer_index(heads: Sequence[HeadProfile], q: Tensor, k: Tensor, *, scale: fl
     read ``masks[head.mask]`` (their ``select`` is already in the mask). Heads sharing a
     pattern are built together; ``vertical_slash``, ``modality_vertical_slash`` and
     ``block_sparse`` indices are estimated online from q and k (``vlsparse.kernels.estimate``).
+    ``dense_tail``: the last query block runs dense (``with_dense_tail``), for every head.
     """
     from vlsparse.kernels import estimate
 
@@ -451,7 +469,8 @@ def layer_index(heads: Sequence[HeadProfile], q: Tensor, k: Tensor, *, scale: fl
         else:
             raise ValueError(f"unknown attention pattern {pattern!r}")
         parts.append((ids, part))
-    return merge_heads(parts, h, b)
+    index = merge_heads(parts, h, b)
+    return with_dense_tail(index, n) if dense_tail else index
 
 
 # ----------------------------------------------------------------------------- inspection
@@ -546,5 +565,5 @@ __all__ = [
     "BLOCK_SIZE", "SparseIndex", "a_shape_index", "block_mask_index", "budget_count", "check_index", "dense_index",
     "grid_index", "grid_slashes", "index_density", "index_mask", "kept_keys", "layer_index", "merge_heads",
     "modality_rows", "modality_vertical_slash_index", "num_blocks", "resize_block_mask", "static_index",
-    "vertical_slash_index",
+    "vertical_slash_index", "with_dense_tail",
 ]

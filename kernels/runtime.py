@@ -116,7 +116,7 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
         return _dense(module, query, key, value, attention_mask, **kwargs)
     att = runtime.profile.attention
     index = layer_index(heads, query, key, scale=scale, spans=runtime.spans, masks=runtime.profile.tensors,
-                        block_size=att.block_size, last_q=att.last_q)
+                        block_size=att.block_size, last_q=att.last_q, dense_tail=att.dense_tail)
     runtime.calls.append(LayerCall(layer, n, index))
     out = sparse_attention(query, key, value, index, scale, backend=runtime.backend)
     return out.transpose(1, 2).contiguous(), None

@@ -92,10 +92,15 @@ def _forward(model, inputs: dict) -> None:
 
 def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, space: SearchSpace = SearchSpace(),
                   tie_density: float = 0.01, min_gain: float = 0.01, max_elements: int = STEP_ELEMENTS,
-                  threads: int | None = None, progress: Progress | None = None) -> Profile:
+                  threads: int | None = None, progress: Progress | None = None,
+                  tail_recall: float | None = None, dense_tail: bool = True) -> Profile:
     """Search every language layer's query heads of ``loaded`` on ``calibration``; return the profile.
 
     ``recall``: the attention recall every sample must keep (default 0.95);
+    ``tail_recall``: the recall every sample must keep over its last 64-row query block,
+    where the question and the answer's row are (default: ``recall``; 0: no such guard);
+    ``dense_tail``: that block runs dense in every head (recorded in the profile; the runtime
+    follows it), which makes its recall 1 at a cost of at most ``2 / (NQB + 1)`` of the pairs;
     ``space``: budget ladders; ``tie_density`` / ``min_gain``: the tie-break
     (see ``search.choose``); ``max_elements``: floats in one row block's scores
     (memory knob, 8M = 32 MiB by default); ``threads``: torch threads while
@@ -104,9 +109,13 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
     """
     if not 0.0 < recall <= 1.0:
         raise InputError(f"--recall must be in (0, 1], got {recall}", "pass e.g. --recall 0.95")
+    tail_recall = recall if tail_recall is None else tail_recall
+    if not 0.0 <= tail_recall <= 1.0:
+        raise InputError(f"--tail-recall must be in [0, 1], got {tail_recall}", "pass e.g. --tail-recall 0.95")
     with torch_threads(threads):
         chosen, masks, n_cal, used = _search(loaded, calibration, recall, space, tie_density, min_gain,
-                                             max_elements, progress or (lambda _msg: None))
+                                             max_elements, progress or (lambda _msg: None), tail_recall,
+                                             dense_tail)
     adapter = loaded.adapter
     layers = []
     tensors = {}
@@ -122,13 +131,15 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
         model=adapter.fingerprint(),
         calibration=Calibration(source=calibration.source, samples=used, seq_len=n_cal,
                                 seed=calibration.seed),
-        attention=AttentionProfile(layers=layers, block_size=BLOCK, recall_target=recall, last_q=LAST_Q),
+        attention=AttentionProfile(layers=layers, block_size=BLOCK, recall_target=recall, last_q=LAST_Q,
+                                   tail_recall_target=tail_recall, dense_tail=dense_tail),
         tensors=tensors,
     )
 
 
 def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpace, tie_density: float,
-            min_gain: float, max_elements: int, say: Progress):
+            min_gain: float, max_elements: int, say: Progress, tail_recall: float | None = None,
+            dense_tail: bool = False):
     """Run the calibration forwards with the capture on; return the choice per head and what it was made at."""
     adapter = loaded.adapter
     prepared = []
@@ -149,7 +160,7 @@ def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpa
         say(f"note: static masks left out (their statistics would take {static_bytes / 2**30:.1f} GiB; "
             f"use fewer --samples or a shorter --seq-len)")
     search = PatternSearch(candidates, adapter.num_layers, adapter.num_heads, last_q=LAST_Q, block=BLOCK,
-                           max_elements=max_elements)
+                           max_elements=max_elements, dense_tail=dense_tail)
     modules = [adapter.attention(layer) for layer in adapter.lm_layers()]
     total = len(prepared)
     for index, (sample, inputs, spans, n) in enumerate(prepared, start=1):
@@ -164,5 +175,5 @@ def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpa
         with torch.inference_mode(), capture_attention(loaded.model, modules, on_layer):
             _forward(loaded.model, inputs)
     say(f"choosing among {len(candidates)} candidates per head")
-    chosen, masks = search.choose(recall, n_cal, tie_density=tie_density, min_gain=min_gain)
+    chosen, masks = search.choose(recall, n_cal, tie_density=tie_density, min_gain=min_gain, tail_target=tail_recall)
     return chosen, masks, n_cal, total

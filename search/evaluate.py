@@ -11,29 +11,32 @@ blocks) while recall is measured over *all* query rows: the honest recall.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from vlsparse.search.candidates import (Candidate, build_layout, estimate, needed_columns, resize_tile_mask,
                                         static_tiles)
-from vlsparse.search.recall import BLOCK, STEP_ELEMENTS, causal_tiles, layout_score, tile_stats
+from vlsparse.search.recall import BLOCK, STEP_ELEMENTS, causal_tiles, layout_scores, tile_stats
 
 
 @dataclass
 class LayerScores:
-    """One layer of one input: ``recall`` and ``density`` ``[H, C]`` over the online candidates,
-    and ``tile_mass`` ``[H, nb, nb]`` (for static masks)."""
+    """One layer of one input: ``recall``, ``density`` and ``tail`` (recall over the last query
+    block's rows) ``[H, C]`` over the online candidates, and ``tile_mass`` ``[H, nb, nb]`` (for static masks)."""
 
     n: int
     recall: torch.Tensor
     density: torch.Tensor
     tile_mass: torch.Tensor
+    tail: torch.Tensor
 
 
 def evaluate_layer(q: torch.Tensor, k: torch.Tensor, scale: float, candidates: list[Candidate], spans=(),
-                   last_q: int = 64, block: int = BLOCK, max_elements: int = STEP_ELEMENTS) -> LayerScores:
-    """Score ``candidates`` (no ``static``) for every head. ``q``: ``[H, N, d]``, ``k``: ``[H_kv, N, d]``."""
+                   last_q: int = 64, block: int = BLOCK, max_elements: int = STEP_ELEMENTS,
+                   dense_tail: bool = False) -> LayerScores:
+    """Score ``candidates`` (no ``static``) for every head. ``q``: ``[H, N, d]``, ``k``: ``[H_kv, N, d]``;
+    ``dense_tail``: every layout runs its last query block dense (as the runtime will)."""
     est = estimate(q, k, scale, spans, last_q=last_q, block=block)
     stats = tile_stats(q, k, scale, needed_columns(est, candidates), groups=est.groups, block=block,
                        max_elements=max_elements)
@@ -41,12 +44,14 @@ def evaluate_layer(q: torch.Tensor, k: torch.Tensor, scale: float, candidates: l
     heads = q.shape[0]
     recall = torch.ones(heads, len(candidates), dtype=torch.float64)
     density = torch.ones(heads, len(candidates), dtype=torch.float64)
+    tail = torch.ones(heads, len(candidates), dtype=torch.float64)
     for h in range(heads):
         for c, cand in enumerate(candidates):
             if cand.pattern == "dense":
                 continue
-            recall[h, c], density[h, c] = layout_score(stats, h, build_layout(cand, est, h), causal)
-    return LayerScores(n=q.shape[1], recall=recall, density=density, tile_mass=stats.tile_mass)
+            layout = replace(build_layout(cand, est, h), dense_tail=dense_tail)
+            recall[h, c], density[h, c], tail[h, c] = layout_scores(stats, h, layout, causal)
+    return LayerScores(n=q.shape[1], recall=recall, density=density, tile_mass=stats.tile_mass, tail=tail)
 
 
 def _on_grid(mass: torch.Tensor, nb: int) -> torch.Tensor:
@@ -66,13 +71,15 @@ def mean_tile_mass(tile_masses: list[torch.Tensor], nb: int) -> torch.Tensor:
 
 
 def evaluate_static(tile_masses: list[torch.Tensor], lengths: list[int], select: float | list[float],
-                    nb: int):
+                    nb: int, dense_tail: bool = False):
     """SparseD static masks for one head, and their recall and density on each sample.
 
     The stored mask (``nb x nb`` tiles, the calibration length) is chosen from all
     samples. With two or more samples each sample is scored with a mask chosen
     from the *other* samples (leave-one-out), so the recall is not in-sample.
-    Returns ``(mask, recalls, densities)``, or a list of them when ``select`` is a list.
+    Returns ``(mask, recalls, densities, tails)`` (``tails``: recall over each sample's last
+    query block), or a list of them when ``select`` is a list. ``dense_tail``: each sample's
+    last query block keeps every causal tile (the stored mask is unchanged; the runtime adds it).
     """
     selects = select if isinstance(select, (list, tuple)) else [select]
     on_grid = [_on_grid(m, nb) for m in tile_masses]
@@ -82,11 +89,15 @@ def evaluate_static(tile_masses: list[torch.Tensor], lengths: list[int], select:
     out = []
     for share in selects:
         mask = static_tiles(total / count, share)
-        recalls, densities = [], []
+        recalls, densities, tails = [], [], []
         for mass, n, others in zip(tile_masses, lengths, held_out):
             nbs = mass.shape[0]
             tiles = resize_tile_mask(static_tiles(others, share), nbs)
+            if dense_tail:
+                tiles = tiles.clone()
+                tiles[-1] = True
             recalls.append(float((mass * tiles).sum()) / n)
             densities.append(float(tiles.sum()) / (nbs * (nbs + 1) / 2))
-        out.append((mask, recalls, densities))
+            tails.append(float((mass[-1] * tiles[-1]).sum()) / (n - (nbs - 1) * BLOCK))
+        out.append((mask, recalls, densities, tails))
     return out if isinstance(select, (list, tuple)) else out[0]

@@ -2,7 +2,7 @@
 
     search = PatternSearch(candidates, num_layers, num_heads)
     for each sample, for each layer:  search.add(layer, q, k, scale, spans)
-    chosen, masks = search.choose(target=0.95, n_cal=4096)
+    chosen, masks = search.choose(target=0.95, n_cal=4096)   # tail_target: defaults to target
 
 Memory kept between samples: per (layer, sample) a recall and a density per
 candidate and head and, when static candidates are searched, the ``[H, nb, nb]``
@@ -24,7 +24,7 @@ class PatternSearch:
     """Scores of every candidate for every (layer, query head), accumulated over calibration samples."""
 
     def __init__(self, candidates: list[Candidate], num_layers: int, num_heads: int, last_q: int = 64,
-                 block: int = BLOCK, max_elements: int = STEP_ELEMENTS) -> None:
+                 block: int = BLOCK, max_elements: int = STEP_ELEMENTS, dense_tail: bool = False) -> None:
         self.candidates = list(candidates)
         self.online = [c for c in self.candidates if c.pattern != "static"]
         self.num_layers = num_layers
@@ -32,9 +32,11 @@ class PatternSearch:
         self.last_q = last_q
         self.block = block
         self.max_elements = max_elements
+        self.dense_tail = dense_tail
         self.keep_tiles = any(c.pattern == "static" for c in self.candidates)
         self.recall: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.density: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.tail: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.tile_mass: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.lengths: list[list[int]] = [[] for _ in range(num_layers)]
 
@@ -43,9 +45,10 @@ class PatternSearch:
         if q.shape[0] != self.num_heads:
             raise ValueError(f"layer {layer} has {q.shape[0]} query heads, expected {self.num_heads}")
         scores = evaluate_layer(q, k, scale, self.online, spans, last_q=self.last_q, block=self.block,
-                                max_elements=self.max_elements)
+                                max_elements=self.max_elements, dense_tail=self.dense_tail)
         self.recall[layer].append(scores.recall)
         self.density[layer].append(scores.density)
+        self.tail[layer].append(scores.tail)
         if self.keep_tiles:  # only static masks need them after the layer is done
             self.tile_mass[layer].append(scores.tile_mass)
         self.lengths[layer].append(scores.n)
@@ -62,27 +65,31 @@ class PatternSearch:
         """
         recall = torch.stack([r[head] for r in self.recall[layer]])  # [S, C_online]
         density = torch.stack([d[head] for d in self.density[layer]])
+        tail = torch.stack([t[head] for t in self.tail[layer]])
         masses = [m[head] for m in self.tile_mass[layer]] if self.keep_tiles else []
         lengths = self.lengths[layer]
         index = {c: i for i, c in enumerate(self.online)}
         statics = [c for c in self.candidates if c.pattern == "static"] if len(lengths) > 1 else []
-        static_scores = dict(zip(statics, evaluate_static(masses, lengths, [c.budgets["select"] for c in statics],
-                                                          num_blocks(n_cal, self.block)))) if statics else {}
+        static_scores = {}
+        if statics:
+            found = evaluate_static(masses, lengths, [c.budgets["select"] for c in statics],
+                                    num_blocks(n_cal, self.block), self.dense_tail)
+            static_scores = dict(zip(statics, found))
         out, masks = [], {}
         for cand in self.candidates:
             if cand.pattern == "static":
                 if cand not in static_scores:  # one sample: no held-out recall, so no static masks
                     continue
-                mask, recalls, densities = static_scores[cand]
+                mask, recalls, densities, tails = static_scores[cand]
                 masks[cand] = mask
-                rec, den = torch.tensor(recalls, dtype=torch.float64), torch.tensor(densities, dtype=torch.float64)
+                rec, den, end = (torch.tensor(x, dtype=torch.float64) for x in (recalls, densities, tails))
             else:
-                rec, den = recall[:, index[cand]], density[:, index[cand]]
-            out.append(Scored(cand, float(rec.min()), float(rec.mean()), float(den.mean())))
+                rec, den, end = recall[:, index[cand]], density[:, index[cand]], tail[:, index[cand]]
+            out.append(Scored(cand, float(rec.min()), float(rec.mean()), float(den.mean()), float(end.min())))
         return out, masks
 
     def choose(self, target: float = 0.95, n_cal: int | None = None, tie_density: float = 0.01,
-               min_gain: float = 0.01) -> tuple[list[list[Scored]], dict[tuple[int, int], torch.Tensor]]:
+               min_gain: float = 0.01, tail_target: float | None = None) -> tuple[list[list[Scored]], dict[tuple[int, int], torch.Tensor]]:
         """Per layer and head the chosen candidate, and the static masks of heads that chose ``static``."""
         if self.samples == 0:
             raise ValueError("no calibration sample was scored")
@@ -93,7 +100,7 @@ class PatternSearch:
             row = []
             for head in range(self.num_heads):
                 scored, static_masks = self.scored(layer, head, n_cal)
-                best = choose(scored, target, tie_density=tie_density, min_gain=min_gain)
+                best = choose(scored, target, tie_density=tie_density, min_gain=min_gain, tail_target=tail_target)
                 if best.candidate.pattern == "static":
                     masks[(layer, head)] = static_masks[best.candidate]
                 row.append(best)

@@ -17,7 +17,14 @@ each query block ``qb`` (first row ``r0 = 64 qb``):
   query blocks of group ``g`` (text-only, image-only, mixed), length ``N + 64``. A
   64-wide key window placed the same way relative to ``r0`` in every query block
   (MInference's slash windows) keeps ``sum_p covered[p] * window_mass[p]``;
-- ``column_mass[h, qb, c]``: mass of key column ``columns[h, c]`` (vertical lines).
+- ``column_mass[h, qb, c]``: mass of key column ``columns[h, c]`` (vertical lines);
+- ``tail_window_mass[h, p]``: ``window_mass`` of the last query block alone.
+
+Besides the mean over all rows, ``layout_scores`` gives the *tail recall*: the mean
+kept mass over the rows of the last query block. In a VLM prompt those rows hold the
+question and the row that predicts the answer; they are a few dozen of thousands, so
+the overall mean hardly sees them, yet a layout that cuts them off from the image
+changes the answer.
 
 Memory is ``O(H (N + nb^2 + nb U))`` with ``nb = N / 64`` and ``U`` the collected
 columns; never ``N x N``.
@@ -57,7 +64,8 @@ class TileStats:
     """Per-tile, per-distance and per-column softmax mass of one sequence (all heads); see the module docstring.
 
     ``tile_mass`` ``[H, nb, nb]``; ``window_mass`` ``[H, GROUPS, N + block]``; ``groups``
-    ``[nb]``; ``columns`` ``[H, U]`` sorted (padded with ``N``); ``column_mass`` ``[H, nb, U]``.
+    ``[nb]``; ``columns`` ``[H, U]`` sorted (padded with ``N``); ``column_mass`` ``[H, nb, U]``;
+    ``tail_window_mass`` ``[H, N + block]`` (the last query block's ``window_mass``).
     """
 
     n: int
@@ -67,6 +75,7 @@ class TileStats:
     groups: torch.Tensor
     columns: torch.Tensor
     column_mass: torch.Tensor
+    tail_window_mass: torch.Tensor
 
 
 @dataclass
@@ -78,7 +87,8 @@ class Layout:
     ``groups``: ``[nb]`` which window set each query block uses (``None``: set 0 for all;
     otherwise the ``TileStats`` groups, so ``G = GROUPS``); ``columns``: sorted unique key
     indices ``[C]``; ``column_blocks``: bool ``[nb, C]``, which query blocks use each
-    column (``None``: all).
+    column (``None``: all); ``dense_tail``: the last query block keeps every causal key
+    instead (``vlsparse.kernels.indices.with_dense_tail``).
     """
 
     tiles: torch.Tensor | None = None
@@ -86,6 +96,7 @@ class Layout:
     groups: torch.Tensor | None = None
     columns: torch.Tensor | None = None
     column_blocks: torch.Tensor | None = None
+    dense_tail: bool = False
 
     def __post_init__(self) -> None:
         if self.tiles is not None and self.starts is not None:
@@ -188,6 +199,7 @@ def tile_stats(q: torch.Tensor, k: torch.Tensor, scale: float, columns: torch.Te
     tile_mass = torch.zeros(heads, nb, nb)
     window_mass = torch.zeros(heads, GROUPS, n + block)
     column_mass = torch.zeros(heads, nb, width)
+    tail_window_mass = torch.zeros(heads, n + block)
     for start, p in causal_probs_blocks(q, k, scale, block, max_elements):
         rows, end = p.shape[1], p.shape[2]
         qb0, nq = start // block, rows // block
@@ -197,11 +209,13 @@ def tile_stats(q: torch.Tensor, k: torch.Tensor, scale: float, columns: torch.Te
             reach = min((qb0 + i + 1) * block, n)  # keys 0 .. reach-1; distance p = r0 + 63 - key
             lo = (qb0 + i + 1) * block - reach
             window_mass[:, groups[qb0 + i], lo:lo + reach] += per_block[:, i, :reach].flip(-1)
+            if qb0 + i == nb - 1:
+                tail_window_mass[:, lo:lo + reach] = per_block[:, i, :reach].flip(-1)
         if width:
             picked = per_block.gather(2, columns.clamp(max=end - 1)[:, None, :].expand(heads, nq, width))
             column_mass[:, qb0:qb0 + nq] = picked * (columns < end)[:, None, :]
     return TileStats(n=n, block=block, tile_mass=tile_mass, window_mass=window_mass, groups=groups,
-                     columns=columns, column_mass=column_mass)
+                     columns=columns, column_mass=column_mass, tail_window_mass=tail_window_mass)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -222,13 +236,12 @@ def _block_groups(layout: Layout, nb: int) -> torch.Tensor:
     return torch.zeros(nb, dtype=torch.long) if layout.groups is None else layout.groups
 
 
-def _window_cost(layout: Layout, nb: int, block: int) -> tuple[float, float]:
-    """(windows fully above key 0, single columns from windows reaching below key 0) over all query blocks."""
+def _window_cost(layout: Layout, nb: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: (windows fully above key 0, single columns from windows reaching below key 0)."""
     starts = layout.starts[_block_groups(layout, nb)]  # [nb, W]
     r0 = (torch.arange(nb) * block)[:, None]
-    full = float((starts <= r0).sum())
     partial = (starts > r0) & (starts < r0 + block)
-    return full, float(((r0 + block - starts) * partial).sum())
+    return (starts <= r0).sum(1).double(), ((r0 + block - starts) * partial).sum(1).double()
 
 
 def _extra_columns(layout: Layout, nb: int, block: int, covered: torch.Tensor | None) -> torch.Tensor:
@@ -250,34 +263,67 @@ def _extra_columns(layout: Layout, nb: int, block: int, covered: torch.Tensor | 
     return extra
 
 
-def layout_score(stats: TileStats, head: int, layout: Layout, causal: torch.Tensor | None = None
-                 ) -> tuple[float, float]:
-    """``(recall, density)`` of ``layout`` for ``head``: exact mean kept mass over all query rows,
-    and the kept share of the dense causal block layout."""
-    n, block = stats.n, stats.block
-    nb = num_blocks(n, block)
-    kept, units, singles = 0.0, 0.0, 0.0
-    covered = None
+def _block_costs(layout: Layout, nb: int, block: int, covered: torch.Tensor | None,
+                 causal: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per query block: (tiles + full windows, single keys), and the extra columns ``[nb, C]`` (or None).
+    With ``dense_tail`` the last block counts as its ``nb`` causal tiles and nothing else."""
+    units = torch.zeros(nb, dtype=torch.float64)
+    singles = torch.zeros(nb, dtype=torch.float64)
+    extra = None
     if layout.tiles is not None:
-        tiles = layout.tiles & (causal_tiles(nb) if causal is None else causal)
-        kept += float((stats.tile_mass[head] * tiles).sum())
-        units += float(tiles.sum())
+        units += (layout.tiles & (causal_tiles(nb) if causal is None else causal)).sum(1)
     if layout.starts is not None:
-        covered = window_coverage(layout.starts, n + block, block)
-        mass = stats.window_mass[head]
-        kept += float((covered[0] * mass.sum(0)).sum() if layout.groups is None else (covered * mass).sum())
         full, partial = _window_cost(layout, nb, block)
         units += full
         singles += partial
     if layout.columns.numel():
+        extra = _extra_columns(layout, nb, block, covered)
+        singles += extra.sum(1)
+    if layout.dense_tail:
+        units[-1], singles[-1] = nb, 0.0
+    return units, singles, extra
+
+
+def layout_scores(stats: TileStats, head: int, layout: Layout, causal: torch.Tensor | None = None
+                  ) -> tuple[float, float, float]:
+    """``(recall, density, tail recall)`` of ``layout`` for ``head``: exact mean kept mass over all
+    query rows, the kept share of the dense causal block layout, and the exact mean kept mass
+    over the rows of the last query block (1 with ``dense_tail``)."""
+    n, block = stats.n, stats.block
+    nb = num_blocks(n, block)
+    last = nb - 1
+    kept, tail = 0.0, 0.0
+    covered = None
+    if layout.tiles is not None:
+        tiles = layout.tiles & (causal_tiles(nb) if causal is None else causal)
+        kept += float((stats.tile_mass[head] * tiles).sum())
+        tail += float((stats.tile_mass[head, last] * tiles[last]).sum())
+    if layout.starts is not None:
+        covered = window_coverage(layout.starts, n + block, block)
+        mass = stats.window_mass[head]
+        kept += float((covered[0] * mass.sum(0)).sum() if layout.groups is None else (covered * mass).sum())
+        tail += float((covered[_block_groups(layout, nb)[last]] * stats.tail_window_mass[head]).sum())
+    units, singles, extra = _block_costs(layout, nb, block, covered, causal)
+    if extra is not None:
         have = stats.columns[head]
         pos = torch.searchsorted(have, layout.columns).clamp_(max=max(have.numel() - 1, 0))
         if have.numel() == 0 or not torch.equal(have[pos], layout.columns):
             raise ValueError("layout uses key columns whose mass was not collected in tile_stats")
-        extra = _extra_columns(layout, nb, block, covered)
-        kept += float((stats.column_mass[head].index_select(1, pos) * extra).sum())
-        singles += float(extra.sum())
-    return kept / n, (units + singles / block) / (nb * (nb + 1) / 2)
+        picked = stats.column_mass[head].index_select(1, pos) * extra
+        kept += float(picked.sum())
+        tail += float(picked[last].sum())
+    rows_last = n - last * block
+    if layout.dense_tail:  # the last block's rows keep all their mass
+        kept += rows_last - tail
+        tail = float(rows_last)
+    density = float(units.sum() + singles.sum() / block) / (nb * (nb + 1) / 2)
+    return kept / n, density, tail / rows_last
+
+
+def layout_score(stats: TileStats, head: int, layout: Layout, causal: torch.Tensor | None = None
+                 ) -> tuple[float, float]:
+    """``(recall, density)`` of ``layout`` for ``head`` (``layout_scores`` without the tail)."""
+    return layout_scores(stats, head, layout, causal)[:2]
 
 
 def layout_recall(stats: TileStats, head: int, layout: Layout) -> float:
@@ -288,17 +334,9 @@ def layout_recall(stats: TileStats, head: int, layout: Layout) -> float:
 def layout_density(layout: Layout, n: int, block: int = BLOCK) -> float:
     """Kept share of the dense causal block layout (tiles and windows 1, columns 1/64 each)."""
     nb = num_blocks(n, block)
-    units, singles = 0.0, 0.0
-    covered = None
-    if layout.tiles is not None:
-        units += float((layout.tiles & causal_tiles(nb)).sum())
-    if layout.starts is not None:
-        covered = window_coverage(layout.starts, n + block, block)
-        full, partial = _window_cost(layout, nb, block)
-        units, singles = units + full, singles + partial
-    if layout.columns.numel():
-        singles += float(_extra_columns(layout, nb, block, covered).sum())
-    return (units + singles / block) / (nb * (nb + 1) / 2)
+    covered = window_coverage(layout.starts, n + block, block) if layout.starts is not None else None
+    units, singles, _ = _block_costs(layout, nb, block, covered)
+    return float(units.sum() + singles.sum() / block) / (nb * (nb + 1) / 2)
 
 
 def layout_token_mask(layout: Layout, n: int, rows: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
@@ -319,6 +357,8 @@ def layout_token_mask(layout: Layout, n: int, rows: torch.Tensor, block: int = B
         cols = torch.zeros(len(rows), n, dtype=torch.bool)
         cols[:, layout.columns] = extra
         mask |= cols
+    if layout.dense_tail:
+        mask[qb == nb - 1] = True
     return mask & (keys[None, :] <= rows[:, None])
 
 

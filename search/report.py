@@ -64,6 +64,8 @@ def summary(profile: Profile) -> dict[str, Any]:
         "mean_density": sum(h.density for h in heads) / max(len(heads), 1),
         "min_recall": min((h.recall_min for h in heads), default=1.0),
         "mean_recall": sum(h.recall_mean for h in heads) / max(len(heads), 1),
+        "tail_recall_target": att.recall_target if att.tail_recall_target is None else att.tail_recall_target,
+        "min_tail_recall": min((h.tail_recall_min for h in heads), default=1.0),
         "attention_gflops_dense": dense / 1e9,
         "attention_gflops_sparse": sparse / 1e9,
         "flops_saved": 1.0 - sparse / dense if dense else 0.0,
@@ -89,6 +91,7 @@ def summary_table(profile: Profile, title: str | None = None):
         table.add_row("mean density", f"{s['mean_density']:.1%}")
         table.add_row(f"min recall (target {s['recall_target']:.2f})", f"{s['min_recall']:.4f}")
         table.add_row("mean recall", f"{s['mean_recall']:.4f}")
+        table.add_row(f"min tail recall (target {s['tail_recall_target']:.2f})", f"{s['min_tail_recall']:.4f}")
         n = cal["seq_len"] if cal else 0
         table.add_row(f"attention FLOPs at {n} tokens",
                       f"{s['attention_gflops_dense']:.2f} -> {s['attention_gflops_sparse']:.2f} GFLOP "

@@ -19,6 +19,7 @@ from vlsparse.kernels.indices import (
     resize_block_mask,
     static_index,
     vertical_slash_index,
+    with_dense_tail,
 )
 from vlsparse.profile import HeadProfile
 
@@ -85,6 +86,23 @@ def test_a_shape_index_hand_worked():
     assert got[3] == ([128, 192], [0, 1, 2, 3])
     assert got[4] == ([192, 256], [0, 1, 2, 3])
     check_index(index, 300)
+
+
+def test_dense_tail_makes_only_the_last_query_block_dense():
+    n = 300  # 5 query blocks, the last one 44 rows
+    index = a_shape_index(n, sink=4, local=64, heads=2)
+    tail = with_dense_tail(index, n)
+    check_index(tail, n)
+    got, before = lists(tail, h=1), lists(index, h=1)
+    assert got[:4] == before[:4]
+    assert got[4] == ([0, 64, 128, 192, 256], [])
+    mask = index_mask(tail, n)[0, 1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    assert torch.equal(mask[256:], causal[256:]) and torch.equal(mask[:256], index_mask(index, n)[0, 1, :256])
+    heads = [HeadProfile("a_shape", {"sink": 4 / n, "local": 64 / n})] * 2
+    q = torch.randn(1, 2, n, 8)
+    built = layer_index(heads, q, q, dense_tail=True)
+    assert torch.equal(index_mask(built, n), index_mask(tail, n))
 
 
 def test_a_shape_density_one_key_is_the_diagonal_blocks():

@@ -42,6 +42,21 @@ def test_profile_round_trips_through_yaml_and_sidecar(tmp_path):
     assert (tmp_path / "q.yaml").read_text() == path.read_text()
 
 
+def test_tail_settings_round_trip_and_default_off_for_older_profiles(tmp_path):
+    profile = _profile()
+    profile.attention.layers[0][0].tail_recall_min = 0.97
+    profile.attention.tail_recall_target, profile.attention.dense_tail = 0.9, True
+    loaded = load_profile(save_profile(profile, tmp_path / "p.yaml"))
+    assert loaded.attention.dense_tail is True and loaded.attention.tail_recall_target == 0.9
+    assert loaded.attention.layers[0][0].tail_recall_min == 0.97
+    data = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    del data["attention"]["dense_tail"], data["attention"]["tail_recall_target"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "old.safetensors").write_bytes((tmp_path / "p.safetensors").read_bytes())
+    old = load_profile(tmp_path / "old.yaml")
+    assert old.attention.dense_tail is False and old.attention.tail_recall_target is None
+
+
 def test_yaml_uses_named_fields(tmp_path):
     data = yaml.safe_load(save_profile(_profile(), tmp_path / "p.yaml").read_text())
     head = data["attention"]["layers"][0]["heads"][0]

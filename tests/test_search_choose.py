@@ -53,9 +53,22 @@ def test_static_mask_is_scored_leave_one_out():
     one = torch.zeros(nb, nb)
     one[0, 0], one[1, 1], one[2, 1], one[3, 1] = 64.0, 64.0, 64.0, 64.0  # blocks 2, 3 look back at tile 1
     other = torch.eye(nb) * 64.0  # all mass on the diagonal
-    mask, recalls, densities = evaluate_static([one, one.clone()], [n, n], select=0.25, nb=nb)
+    mask, recalls, densities, tails = evaluate_static([one, one.clone()], [n, n], select=0.25, nb=nb)
     assert mask[2, 1] and mask[3, 1] and recalls == [pytest.approx(1.0), pytest.approx(1.0)]
     assert densities[0] == pytest.approx(float(mask.sum()) / 10)
+    assert tails == [pytest.approx(1.0), pytest.approx(1.0)]
     # each sample is scored with the mask chosen from the *other* sample: not in-sample
-    _, held_out, _ = evaluate_static([one, other], [n, n], select=0.25, nb=nb)
+    _, held_out, _, held_tails = evaluate_static([one, other], [n, n], select=0.25, nb=nb)
     assert held_out[0] == pytest.approx(0.5) and held_out[1] == pytest.approx(1.0)
+    # sample 0's last block looks back at tile 1, which the diagonal-only mask of sample 1 drops
+    assert held_tails == [pytest.approx(0.0), pytest.approx(1.0)]
+
+
+def test_tail_guard_rejects_a_layout_that_cuts_off_the_last_rows():
+    cheap = Scored(candidate("a_shape", {"sink": 0.01, "local": 0.05}), 0.97, 0.98, 0.06, tail_min=0.40)
+    blocks = Scored(candidate("block_sparse", {"mass": 0.95}), 0.96, 0.97, 0.12, tail_min=0.96)
+    dense = Scored(candidate("dense"), 1.0, 1.0, 1.0)
+    assert choose([cheap, blocks, dense], 0.95).candidate.pattern == "block_sparse"
+    assert choose([cheap, blocks, dense], 0.95, tail_target=0.0).candidate.pattern == "a_shape"
+    assert choose([cheap, blocks, dense], 0.95, tail_target=0.99).candidate.pattern == "dense"
+    assert head_profile(blocks, n_cal=4096).tail_recall_min == 0.96

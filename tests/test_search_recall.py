@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vlsparse.search.recall import (Layout, causal_probs_blocks, dense_recall_check, kept_row_mass, layout_density,
-                                    layout_recall, layout_score, layout_token_mask, num_blocks, row_logsumexp,
+                                    layout_recall, layout_score, layout_scores, layout_token_mask, num_blocks, row_logsumexp,
                                     tile_stats, window_coverage)
 
 
@@ -108,3 +108,40 @@ def test_row_blocks_never_hold_more_than_the_step():
     sizes = [p.numel() for _, p in causal_probs_blocks(q, k, 0.5, max_elements=limit)]
     assert max(sizes) <= limit < n * n
     assert len(sizes) == n // 64
+
+
+@pytest.mark.parametrize("n", [256, 300])
+def test_tail_recall_is_the_last_query_blocks_kept_mass(n):
+    # n = 300: the last block holds rows 256..299 only (44 rows), so the mean is over those
+    q, k = _qk(n, seed=3)
+    scale = 0.8
+    layouts = _layouts(n, seed=4)
+    columns, _ = _columns(layouts, 4, n)
+    stats = tile_stats(q, k, scale, columns, groups=layouts[2].groups)
+    last = (num_blocks(n) - 1) * 64
+    for layout in layouts:
+        keep = layout_token_mask(layout, n, torch.arange(n))
+        reference = dense_recall_check(q, k, scale, keep[None])
+        for h in range(4):
+            _, _, tail = layout_scores(stats, h, layout)
+            assert tail == pytest.approx(float(reference[h, last:].mean()), abs=1e-5)
+            # and it is not the all-rows mean (which the tail guard exists to look past)
+            assert abs(tail - float(reference[h].mean())) > 1e-4
+
+
+def test_dense_tail_keeps_the_last_blocks_rows_whole():
+    n = 300
+    q, k = _qk(n, seed=5)
+    layouts = _layouts(n, seed=6)
+    columns, _ = _columns(layouts, 4, n)
+    stats = tile_stats(q, k, 0.8, columns, groups=layouts[2].groups)
+    for layout in layouts:
+        tail = Layout(tiles=layout.tiles, starts=layout.starts, groups=layout.groups, columns=layout.columns,
+                      column_blocks=layout.column_blocks, dense_tail=True)
+        keep = layout_token_mask(tail, n, torch.arange(n))
+        assert bool(keep[256:].equal(torch.ones(44, n, dtype=torch.bool).tril(256)))
+        reference = dense_recall_check(q, k, 0.8, keep[None])
+        for h in range(4):
+            recall, density, tail_recall = layout_scores(stats, h, tail)
+            assert recall == pytest.approx(float(reference[h].mean()), abs=1e-5) and tail_recall == pytest.approx(1.0)
+            assert density == pytest.approx(layout_density(tail, n))

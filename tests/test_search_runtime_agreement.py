@@ -7,6 +7,8 @@ on the same q/k, and compares the dense masks they imply and their block-layout 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,18 +29,19 @@ def qk():
     return torch.randn(HEADS, N, DIM, generator=g) * 2, torch.randn(KV_HEADS, N, DIM, generator=g) * 2
 
 
-def _runtime(cands, q, k, masks=None):
+def _runtime(cands, q, k, masks=None, dense_tail=False):
     nb = -(-N // 64)
     for cand in cands:
         head = HeadProfile(pattern=cand.pattern, budget=cand.budgets, params=cand.parameters,
                            mask="m" if cand.pattern == "static" else None)
         index = indices.layer_index([head] * HEADS, q[None], k[None], scale=SCALE,
-                                    spans=[(s.start, s.end) for s in SPANS], masks=masks)
+                                    spans=[(s.start, s.end) for s in SPANS], masks=masks, dense_tail=dense_tail)
         cost = (index.block_count[0].sum(-1).double() + index.column_count[0].sum(-1).double() / 64)
         yield cand, indices.index_mask(index, N)[0], cost / (nb * (nb + 1) / 2)
 
 
-def test_every_online_candidate_keeps_the_runtimes_pairs_at_its_cost(qk):
+@pytest.mark.parametrize("dense_tail", [False, True])
+def test_every_online_candidate_keeps_the_runtimes_pairs_at_its_cost(qk, dense_tail):
     q, k = qk
     est = estimate(q, k, SCALE, SPANS)
     everything = [c for c in catalogue(N, images=True, strides=(16, 230)) if c.pattern != "static"]
@@ -46,9 +49,9 @@ def test_every_online_candidate_keeps_the_runtimes_pairs_at_its_cost(qk):
                                                "modality_vertical_slash", "dense"}
     cands = everything[::3] + [c for c in everything if c.pattern == "block_sparse"][1::3]  # ~30 of ~75
     rows = torch.arange(N)
-    for cand, masks, costs in _runtime(cands, q, k):
+    for cand, masks, costs in _runtime(cands, q, k, dense_tail=dense_tail):
         for h in range(HEADS):
-            layout = build_layout(cand, est, h)
+            layout = replace(build_layout(cand, est, h), dense_tail=dense_tail)
             assert torch.equal(layout_token_mask(layout, N, rows), masks[h]), f"{cand.key} head {h}"
             assert layout_density(layout, N) == pytest.approx(float(costs[h]), abs=1e-12), f"{cand.key} head {h}"
 

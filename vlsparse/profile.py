@@ -90,18 +90,27 @@ class HeadProfile:
     params: dict[str, int] = field(default_factory=dict)
     recall_min: float = 1.0
     recall_mean: float = 1.0
+    tail_recall_min: float = 1.0
     density: float = 1.0
     mask: str | None = None
 
 
 @dataclass
 class AttentionProfile:
-    """Per-layer, per-query-head patterns of the language decoder."""
+    """Per-layer, per-query-head patterns of the language decoder.
+
+    ``recall_target``: the recall every head kept on every calibration sample;
+    ``tail_recall_target``: the same over each sample's last query block (None: not recorded);
+    ``dense_tail``: the runtime computes the last query block of every prefill dense (older
+    profiles lack it: off).
+    """
 
     layers: list[list[HeadProfile]]
     block_size: int = 64
     recall_target: float = 0.95
     last_q: int = 64
+    tail_recall_target: float | None = None
+    dense_tail: bool = False
 
 
 @dataclass
@@ -151,6 +160,8 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         out["attention"] = {
             "block_size": att.block_size,
             "recall_target": att.recall_target,
+            **({} if att.tail_recall_target is None else {"tail_recall_target": att.tail_recall_target}),
+            **({"dense_tail": True} if att.dense_tail else {}),
             "last_q": att.last_q,
             "layers": [
                 {"layer": li, "heads": [_head_to_dict(hi, h) for hi, h in enumerate(heads)]}
@@ -174,6 +185,7 @@ def _head_to_dict(index: int, head: HeadProfile) -> dict[str, Any]:
         d["params"] = {k: int(v) for k, v in head.params.items()}
     d["recall_min"] = round(float(head.recall_min), 6)
     d["recall_mean"] = round(float(head.recall_mean), 6)
+    d["tail_recall_min"] = round(float(head.tail_recall_min), 6)
     d["density"] = round(float(head.density), 6)
     if head.mask is not None:
         d["mask"] = head.mask
@@ -294,6 +306,8 @@ def _attention_from_dict(a: dict, model: ModelFingerprint) -> AttentionProfile:
         block_size=int(a.get("block_size", 64)),
         recall_target=float(a.get("recall_target", 0.95)),
         last_q=int(a.get("last_q", 64)),
+        tail_recall_target=float(a["tail_recall_target"]) if "tail_recall_target" in a else None,
+        dense_tail=bool(a.get("dense_tail", False)),
     )
 
 
@@ -326,6 +340,7 @@ def _head_from_dict(h: dict, where: str) -> HeadProfile:
         params=dict(params),
         recall_min=float(h.get("recall_min", 1.0)),
         recall_mean=float(h.get("recall_mean", 1.0)),
+        tail_recall_min=float(h.get("tail_recall_min", 1.0)),
         density=float(h.get("density", 1.0)),
         mask=h.get("mask"),
     )
