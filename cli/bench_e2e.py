@@ -38,7 +38,7 @@ Examples:
 @friendly_errors
 def e2e_command(
     model: ModelOpt = None,
-    task: Annotated[str, typer.Option("--task", help="Demo task: multi or grid (long context), or vqa.")] = "multi",
+    task: Annotated[str, typer.Option("--task", help="Demo task: multi, long or grid (long context), or vqa.")] = "multi",
     n: Annotated[int, typer.Option("--n", help="Samples for accuracy, per configuration.", min=1)] = 20,
     profile: Annotated[Optional[str], typer.Option("--profile", help="Profile with attention and core sections.",
                                                    show_default=False)] = None,

@@ -15,14 +15,15 @@ from vlsparse.cli.errors import friendly_errors
 from vlsparse.cli.options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt
 from vlsparse.cli.quiet import quiet_transformers
 
-DEMO_TASKS = {"demo-vqa": "vqa", "demo-multi": "multi", "demo-grid": "grid"}
+DEMO_TASKS = {"demo-vqa": "vqa", "demo-multi": "multi", "demo-grid": "grid", "demo-long": "long"}
 TEXT_TASKS = ("pydoc-ppl",)
 
 HELP = """Measure a model: accuracy with a 95% interval on the demo benchmark (held-out seeds,
 per-question-type breakdown), or perplexity on CPython's held-out pydoc text.
 
-Tasks: demo-vqa (single scenes), demo-multi (8-32 scenes in one prompt, 4k+ tokens),
-demo-grid (one large grid image, 4k+ tokens), pydoc-ppl (language models).
+Tasks: demo-vqa (single scenes), demo-multi (28-32 scenes in one prompt, 4k+ tokens),
+demo-grid (one large grid image, 4k+ tokens), demo-long (56-60 scenes, 8k+ tokens),
+pydoc-ppl (language models).
 
 Examples:
 
@@ -85,7 +86,7 @@ def _ppl_table(result, model: str) -> Table:
 @friendly_errors
 def eval_command(
     model: ModelOpt = None,
-    task: Annotated[str, typer.Option("--task", help="demo-vqa, demo-multi, demo-grid or pydoc-ppl.")] = "demo-vqa",
+    task: Annotated[str, typer.Option("--task", help="demo-vqa, demo-multi, demo-grid, demo-long or pydoc-ppl.")] = "demo-vqa",
     n: Annotated[int, typer.Option("--n", help="Samples to evaluate (demo tasks).", min=1)] = 200,
     seed: SeedOpt = 0,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Window length in tokens (pydoc-ppl).", min=16)] = 512,

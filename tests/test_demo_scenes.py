@@ -76,6 +76,14 @@ def test_scenes_multi_question_refers_to_the_named_image():
         assert len(images) == 5 and labels[k - 1] == f"image {k} :"
 
 
+def test_scenes_long_is_multi_with_more_scenes():
+    s = scenes.generate("long", 1, BASE)[0]
+    images, labels = s.model_images()
+    assert scenes.LONG_IMAGES[0] <= len(images) <= scenes.LONG_IMAGES[1] and labels[-1] == f"image {len(images)} :"
+    k = int(s.question.split()[2].rstrip(","))
+    assert s.question.startswith(f"In image {k}, ") and 1 <= k <= len(images)
+
+
 def test_scenes_grid_tiles_hold_the_asked_cell():
     for s in scenes.generate("grid", 20, BASE, grid=(3, 4)):
         tiles, labels = s.model_images()

@@ -68,7 +68,9 @@ BACKGROUND = (32, 32, 36)
 
 QTYPES = ("color", "shape", "count", "position", "exist")
 GRID_QTYPES = ("color", "shape", "exist")
-TASKS = ("vqa", "multi", "grid")
+TASKS = ("vqa", "multi", "grid", "long")
+MULTI_TASKS = ("multi", "long")
+"""Tasks whose prompt is many labelled scenes ("image k :")."""
 
 ANSWERS: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS),
@@ -82,6 +84,9 @@ ANSWERS: dict[str, tuple[str, ...]] = {
 MULTI_IMAGES = (28, 32)
 """Default number of scenes in a ``multi`` sample (inclusive range): >= 4,096 prompt tokens
 for the demo model. Pass ``n_images`` for other lengths (e.g. 8-16 for short contexts)."""
+LONG_IMAGES = (56, 60)
+"""Scenes in a ``long`` sample: ``multi`` at about 8,300-8,900 prompt tokens, where prefill
+attention is most of the demo model's prefill time (the sparse runtime's test)."""
 GRID_SIDES = (6, 6)
 """Default rows and columns of a ``grid`` sample (each drawn from this inclusive range):
 a 6x6 grid is >= 4,096 prompt tokens for the demo model."""
@@ -150,7 +155,7 @@ class Sample:
             tiles = tile_grid(self.images[0], rows, cols)
             labels = [f"row {r + 1} column {c + 1} :" for r in range(rows) for c in range(cols)]
             return tiles, labels
-        if self.task == "multi":
+        if self.task in MULTI_TASKS:
             return list(self.images), [f"image {k + 1} :" for k in range(len(self.images))]
         return list(self.images), [""] * len(self.images)
 
@@ -351,7 +356,7 @@ def sample(
 ) -> Sample:
     """Draw one sample of ``task`` from ``rng``.
 
-    ``n_images`` (multi) defaults to a uniform draw from ``MULTI_IMAGES``; ``grid``
+    ``n_images`` (multi, long) defaults to a uniform draw from ``MULTI_IMAGES`` (``LONG_IMAGES``); ``grid``
     (rows, cols) to draws from ``GRID_SIDES``. ``n_questions`` > 1 adds follow-up
     questions about the same images. ``qtype`` fixes the first question's type.
     ``max_shapes`` < 6 draws simpler scenes (a training curriculum; the benchmark uses 6).
@@ -360,8 +365,8 @@ def sample(
         shapes = random_scene(rng, max_shapes=max_shapes)
         qas = [ask_scene(rng, shapes, qtype)] + [ask_scene(rng, shapes) for _ in range(n_questions - 1)]
         return _make(task, [render(shapes)], [shapes], qas)
-    if task == "multi":
-        n = n_images if n_images is not None else rng.randint(*MULTI_IMAGES)
+    if task in MULTI_TASKS:
+        n = n_images if n_images is not None else rng.randint(*(MULTI_IMAGES if task == "multi" else LONG_IMAGES))
         scenes = [random_scene(rng, max_shapes=max_shapes) for _ in range(n)]
         qas = []
         for i in range(n_questions):
