@@ -13,7 +13,12 @@ attention heads where to look, as an auxiliary loss next to the answer loss:
   look for;
 - ``label``: at a sample of image patches, attend to the numerals of the image's own
   text label ("image 7 :", "row 2 column 3 :"), so that patches take in which image they
-  belong to (multi and grid only).
+  belong to (multi and grid only);
+- ``local``: at a sample of image patches and at every label token, attend only within
+  the own image (its label and the patches so far) and to the ``SINK_TOKENS`` that open
+  the prompt (multi and grid only). Nothing a patch needs lies in another image, so this
+  costs the task nothing and makes the prefill attention of image rows block-local,
+  which the sparse runtime can skip (issue 5).
 
 The loss for one query row is ``-log(sum of the attention probability on the targets)``,
 averaged over the supervised heads and rows. Without it the language model learnt
@@ -38,9 +43,13 @@ from vlsparse.demo import build, scenes
 TRAIN_ATTENTION = "vlsparse_train"
 QUESTION_SCOPE = re.compile(r"^in (?:image (\d+)|row (\d+), column (\d+)),\s*")
 """The "In image k, " / "In row r, column c, " prefix of multi and grid questions (lower-cased)."""
-KINDS = ("object", "image", "word", "label")
+KINDS = ("object", "image", "word", "label", "local")
 LABEL_PATCHES = 16
 """Patches per image whose ``label`` attention is supervised (a fixed-stride sample)."""
+LOCAL_PATCHES = 16
+"""Patches per image whose ``local`` attention is supervised (fixed stride, offset by image)."""
+SINK_TOKENS = 2
+"""Tokens opening every prompt ("user :") that ``local`` rows may also attend to."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,13 @@ def build_targets(samples, turns, input_ids, tokenizer, image_token_id: int, sid
                 per_kind["object"][b].append((row, keys))
             if "image" in kinds and sample.task != "vqa":
                 per_kind["image"][b].append((row, patches[image]))
+        if "local" in kinds and n_images > 1:
+            stride = max(1, side * side // LOCAL_PATCHES)
+            for i in range(n_images):
+                begin = int(patches[i - 1, -1]) + 1 if i else SINK_TOKENS
+                keys = torch.cat([torch.arange(SINK_TOKENS), torch.arange(begin, int(patches[i, -1]) + 1)])
+                rows = torch.cat([torch.arange(begin, int(patches[i, 0])), patches[i, i % stride::stride]])
+                per_kind["local"][b].extend((row, keys) for row in rows.tolist())
         if "label" in kinds and n_images > 1:
             stride = max(1, side * side // LABEL_PATCHES)
             for i in range(n_images):

@@ -97,7 +97,8 @@ from vlsparse.demo import build, scenes
 
 
 LONG_MULTI_IMAGES = (16, 32)
-"""Scenes per full-size ``multi`` training sample (pinned here, not taken from the generator's defaults)."""
+"""Scenes per full-size ``multi`` training sample (pinned here, not taken from the generator's defaults);
+``--long-images`` raises the upper end."""
 LONG_GRID_SIDES = (4, 6)
 """Rows and columns of full-size grids in training: a 6x6 grid is the 4,096+ token evaluation."""
 
@@ -116,6 +117,7 @@ class TrainConfig:
     full_from: float = 0.4
     eval_every: int = 500
     eval_n: int = 100
+    long_images: int = LONG_MULTI_IMAGES[1]
     vision_steps: int = 1000
     vision_batch: int = 32
     vision_lr: float = 2e-3
@@ -127,6 +129,7 @@ class TrainConfig:
     scene_slots: int = 0
     attn_sup: str = "label:0:4-5,word:0:0-3,image:1:0-3,object:2:0-3,object:3:0-1"
     attn_sup_weight: float = 1.0
+    local_weight: float = 1.0
     image_rms: float = 1.0
     image_rms_weight: float = 1.0
     reset_lm: int = 0
@@ -191,7 +194,7 @@ def step_samples(step: int, cfg: TrainConfig) -> list[scenes.Sample]:
     if frac >= cfg.multi_from and step % cfg.long_every == cfg.long_every - 1:
         full = frac >= cfg.full_from and rng.random() < 0.5
         if rng.random() < 0.6:
-            n_images = rng.randint(*LONG_MULTI_IMAGES) if full else rng.randint(2, 8)
+            n_images = rng.randint(LONG_MULTI_IMAGES[0], cfg.long_images) if full else rng.randint(2, 8)
             long = scenes.sample("multi", scenes.sample_rng("multi", base), n_images=n_images,
                                  n_questions=cfg.questions * 2)
         else:
@@ -393,9 +396,9 @@ class FeatureProbe:
     belongs to must have been written in.
     """
 
-    def __init__(self, model, layer: int, tiles: bool):
+    def __init__(self, model, layer: int, tiles: bool, max_images: int = LONG_MULTI_IMAGES[1]):
         hidden = model.config.text_config.hidden_size
-        self.sizes = [n for _, n in PATCH_HEADS] + [1 + LONG_MULTI_IMAGES[1]]
+        self.sizes = [n for _, n in PATCH_HEADS] + [1 + max_images]
         self.head = torch.nn.Linear(hidden, sum(self.sizes))
         self.side = model.config.vision_config.image_size // model.config.vision_config.patch_size
         self.image_token_id = model.config.image_token_index
@@ -455,7 +458,8 @@ def total_loss(model, samples, batch, processor, cfg: TrainConfig, probes, featu
              for kind, probe, valid, targets in armed}
     for _, probe in probes:
         probe.rows = probe.logp = None
-    loss = answer_loss + cfg.attn_sup_weight * sum(parts.values())
+    weights = {k: cfg.local_weight if k.startswith("attn_local") else 1.0 for k in parts}
+    loss = answer_loss + cfg.attn_sup_weight * sum(weights[k] * v for k, v in parts.items())
     probe_loss = feature_probe.loss(samples, batch["input_ids"]) if feature_probe is not None else None
     if probe_loss is not None:
         parts["feature_loss"] = probe_loss
@@ -500,7 +504,8 @@ def train(cfg: TrainConfig) -> Path:
         model.model.vision_tower.requires_grad_(False)
     feature_probe = None
     if cfg.feature_probe_layer >= 0:
-        feature_probe = FeatureProbe(model, cfg.feature_probe_layer, tiles=cfg.vision_tiles > 0)
+        feature_probe = FeatureProbe(model, cfg.feature_probe_layer, tiles=cfg.vision_tiles > 0,
+                                     max_images=max(cfg.long_images, LONG_MULTI_IMAGES[1]))
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if feature_probe is not None:
         trained += list(feature_probe.head.named_parameters())

@@ -132,6 +132,33 @@ def test_label_targets_are_the_numerals_before_each_image():
     assert int(targets[0, 0].sum()) == side * side and int(targets[0, 0].nonzero()[0]) == int(image_pos[side * side])
 
 
+def test_local_targets_are_the_prompt_opening_and_the_own_image_only():
+    model, processor = tiny_model()
+    scenes_ = [[shape("circle", "red", 0, 1)], [shape("star", "blue", 2, 2)], [shape("square", "green", 1, 1)]]
+    multi = scenes.Sample([scenes.render(s) for s in scenes_], "In image 2, what color is the star?", "blue",
+                          "color", "multi", scenes_)
+    batch = train_demo.collate([multi], processor)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    rows, valid, targets = sup.build_targets([multi], [[QA(multi.question, multi.answer, multi.qtype)]],
+                                             batch["input_ids"], processor.tokenizer, model.config.image_token_index,
+                                             side, {"local"})["local"]
+    ids = batch["input_ids"][0]
+    tokens = processor.tokenizer.convert_ids_to_tokens(ids.tolist())
+    image_pos = (ids == model.config.image_token_index).nonzero()[:, 0].view(3, side * side)
+    stride = max(1, side * side // sup.LOCAL_PATCHES)
+    # per image: its 3 label tokens ("image", "k", ":") and a stride sample of its patches
+    assert int(valid.sum()) == sum(3 + len(range(i % stride, side * side, stride)) for i in range(3))
+    for r in range(int(valid.sum())):
+        row = int(rows[0, r])
+        image = next(i for i in range(3) if row <= int(image_pos[i, -1]))
+        keys = targets[0, r].nonzero()[:, 0]
+        begin = int(image_pos[image - 1, -1]) + 1 if image else sup.SINK_TOKENS
+        assert keys[:sup.SINK_TOKENS].tolist() == list(range(sup.SINK_TOKENS))  # "user :"
+        assert keys[sup.SINK_TOKENS:].tolist() == list(range(begin, int(image_pos[image, -1]) + 1))
+        assert tokens[begin:begin + 2] == ["image", str(image + 1)] and begin <= row
+    assert tokens[:sup.SINK_TOKENS] == ["user", ":"]
+
+
 def test_word_targets_are_the_object_words_and_numerals_of_the_current_question_only():
     model, processor = tiny_model()
     scenes_ = [[shape("circle", "red", 0, 1)], [shape("star", "blue", 2, 2)]]

@@ -82,3 +82,22 @@ def test_tile_targets_label_every_patch_with_the_tiles_one_shape():
     assert set(targets[:, 0].tolist()) == {1 + scenes.SHAPES.index("star")}
     assert set(targets[:, 1].tolist()) == {1 + list(scenes.COLORS).index("purple")}
     assert torch.equal(targets[:, 2], train_demo.patch_targets([], side=6)[:, 2])  # cells as for scenes
+
+
+def test_long_images_raises_the_scene_count_of_full_size_multi_steps():
+    def counts(cfg):
+        out = []
+        for step in range(int(cfg.full_from * cfg.steps), cfg.steps):
+            if step % cfg.long_every != cfg.long_every - 1:
+                continue
+            s = train_demo.step_samples(step, cfg)[0]
+            if s.task == "multi" and len(s.images) > 8:
+                out.append(len(s.images))
+            if len(out) == 40:
+                break
+        return out
+
+    base = counts(train_demo.TrainConfig())
+    longer = counts(train_demo.TrainConfig(long_images=64))
+    assert max(base) <= 32 and min(base) >= 16
+    assert max(longer) > 32 and max(longer) <= 64
