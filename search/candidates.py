@@ -95,7 +95,7 @@ class SearchSpace:
     Defaults: A-shape with 4 or 64 sink columns and local windows of 1-33 64-wide
     windows; vertical-slash with 30 / 1% / 2% / 5% / 10% columns and 100 / 5% / 10% /
     20% / 40% diagonals; top-k block shares 5-50%; cumulative block mass 0.5-0.99;
-    static selections 5-50%; grid local bands of 1-4 windows at three phases and two
+    static selections 5-50% (in 5-point steps up to 30%); grid local bands of 1-4 windows at three phases and two
     strides (image row, image); a coarser 3 x 3 ladder per modality.
     """
 
@@ -105,7 +105,7 @@ class SearchSpace:
     slash: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.4)
     blocks: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
     mass: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-    select: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    select: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5)
     grid_local_tokens: tuple[int, ...] = (1, 64, 128, 192)
     modality_vertical: tuple[float, ...] = (0.0, 0.02, 0.1)
     modality_slash: tuple[float, ...] = (0.0, 0.1, 0.3)
