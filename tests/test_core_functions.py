@@ -84,6 +84,11 @@ def test_selection_rules():
     assert choose_token_candidate(rows, 0.1)["layer"] == 2  # the cheapest within budget
     assert choose_token_candidate(rows, 0.001) is None
     assert choose_token_candidate([{"layer": 3, "kl": 0.0, "cost": 1.0}], 0.1) is None  # saves nothing
+    # low KL but a changed answer: refused unless the top-1 guard is relaxed
+    changed = [{"layer": 0, "kl": 0.05, "top1": 0.5, "cost": 0.4}, {"layer": 1, "kl": 0.02, "top1": 1.0, "cost": 0.6}]
+    assert choose_token_candidate(changed, 0.1)["layer"] == 1
+    assert choose_token_candidate(changed, 0.1, min_top1=0.5)["layer"] == 0
+    assert choose_token_candidate(changed[:1], 0.1) is None
     assert default_token_layers(2) == [0] and default_token_layers(12) == [0, 1, 2, 3, 4, 5, 6]
 
 
