@@ -21,18 +21,21 @@ step() {  # step NAME ARGS...: run `vlsparse ARGS`, stdout to NAME.out, summary 
   grep -E "Elapsed|Maximum resident" "$name.log" >&2 || true
 }
 
-# 1. dense accuracy (issue 3)
+# 1. dense accuracy (issue 3); demo-long's dense accuracy is in sparse-long below (same samples)
 step eval-vqa eval --task demo-vqa --n 500 --json
 step eval-multi eval --task demo-multi --n 100 --json
 step eval-grid eval --task demo-grid --n 100 --json
 
-# 2. attention profiles at 4k and 16k tokens (issue 4)
+# 2. attention profiles at 4k, 8k and 16k tokens (issue 4)
 step profile-4k profile --seq-len 4096
-step profile-16k profile --seq-len 16384 --out profile-16k/demo.yaml  # outside ./profiles: prune carries the 4k one
+step profile-8k profile --seq-len 8192 --out profile-8k/demo.yaml    # outside ./profiles: prune carries the 4k one
+step profile-16k profile --seq-len 16384 --out profile-16k/demo.yaml
 
-# 3. the sparse runtime on the long tasks, same samples as dense (issue 5)
+# 3. the sparse runtime on the long tasks, dense and sparse on the same samples (issue 5);
+#    each task with the profile made at its length
 step sparse-multi eval --task demo-multi --n 100 --profile profiles/demo.yaml --json
 step sparse-grid eval --task demo-grid --n 100 --profile profiles/demo.yaml --json
+step sparse-long eval --task demo-long --n 100 --profile profile-8k/demo.yaml --json
 
 # 4. pruning at 50%: three allocations, and the packed size (issue 6)
 for allocation in ecoflap owl uniform; do
