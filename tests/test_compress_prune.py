@@ -277,5 +277,6 @@ def test_peak_memory_stays_well_below_model_size(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["model"] > 190
-    # the stem, one 13.6 MB block, Wanda's temporaries and the masks: well under half the model
-    assert stats["peak"] - stats["start"] < 0.4 * stats["model"], stats
+    # the stem, one 13.6 MB block, Wanda's temporaries and the masks: under half the model (measured
+    # 0.32-0.39 of it across runs, allocator-dependent; a copy of the weights would be 1.0 or more)
+    assert stats["peak"] - stats["start"] < 0.5 * stats["model"], stats
