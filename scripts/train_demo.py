@@ -85,9 +85,9 @@ The shipped weights come from two runs (2 cores):
 
    (STAGE1: the folder run 1 wrote, e.g. with ``--out /tmp/stage1``; its weights are also the
    demo weights of commit dff213c). 800 more steps of the same curriculum with full-size
-   multi prompts of up to 64 scenes (9.4k tokens) and the ``local`` supervision on every head of every layer: image patches
-   and labels attend within their own image (and the prompt's first two tokens), weighted
-   4x. Stage 1's attention was broad (profile density 81.5% at 4k tokens, recall 0.95);
+   multi prompts of up to 64 scenes (9.4k tokens) and the ``local`` supervision on every
+   head of every layer: image patches and labels attend within their own image (and the
+   prompt's first two tokens), weighted 4x. Stage 1's attention was broad (profile density 81.5% at 4k tokens, recall 0.95);
    after this, image patches keep ~97% of their attention in their own image even at 9k
    tokens, and the profile at 8k tokens keeps 11% of the pairs at recall 0.95. A run
    weighted 1x kept 88-95% at 9k tokens and needed recall 0.9 for the same density.

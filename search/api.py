@@ -138,8 +138,7 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
 
 
 def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpace, tie_density: float,
-            min_gain: float, max_elements: int, say: Progress, tail_recall: float | None = None,
-            dense_tail: bool = False):
+            min_gain: float, max_elements: int, say: Progress, tail_recall: float, dense_tail: bool):
     """Run the calibration forwards with the capture on; return the choice per head and what it was made at."""
     adapter = loaded.adapter
     prepared = []
