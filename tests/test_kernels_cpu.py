@@ -109,3 +109,13 @@ def test_bench_attention_rows_carry_the_measurements():
         assert row["seq"] == 512 and 0 < row["density"] < 1 and row["max_abs_err"] < 1e-5
         assert row["efficiency"] == pytest.approx(row["speedup"] * row["density"], rel=0.05, abs=1e-3)
     assert "vertical_slash" in format_table(rows)
+
+
+@pytest.mark.parametrize("pattern", ["vertical_slash", "block_sparse", "a_shape"])
+def test_bench_lists_are_at_most_the_target_density_and_close_to_it(pattern):
+    from vlsparse.kernels.bench import index_at_density
+    from vlsparse.kernels.indices import index_density
+
+    index, density, _ = index_at_density(pattern, 8192, 2, 0.1)
+    assert density == pytest.approx(float(index_density(index, 8192).mean()))
+    assert 0.09 <= density <= 0.1
