@@ -34,7 +34,8 @@ def test_cpu_density_zero_and_one(make):
 
 
 @pytest.mark.parametrize("knobs", [dict(workspace_mb=0.001, quantum=16), dict(min_run=1, min_group=1),
-                                   dict(min_run=2, min_group=3, quantum=32)])
+                                   dict(min_run=2, min_group=3, quantum=32), dict(min_share=1, min_batch=1),
+                                   dict(min_share=10**9, min_batch=64)])
 def test_cpu_knobs_change_the_schedule_not_the_result(knobs):
     # min_run / min_group 1: every trailing run is read in place (strided views) and the rest merged
     q, k, v = qkv(700, heads=8, kv_heads=2)
@@ -119,3 +120,31 @@ def test_bench_lists_are_at_most_the_target_density_and_close_to_it(pattern):
     index, density, _ = index_at_density(pattern, 8192, 2, 0.1)
     assert density == pytest.approx(float(index_density(index, 8192).mean()))
     assert 0.09 <= density <= 0.1
+
+
+def test_shared_rests_group_identical_keys_only():
+    from vlsparse.kernels.cpu import _shared_rests
+
+    # rows 0, 1, 3: columns [0, 2, 5, 7]; row 2: [0, 3, 4, 7] (same count, sum, first and last: the
+    # same fingerprint, caught by the exact check); row 4: the same columns on another KV head
+    cols = torch.tensor([[0, 2, 5, 7], [0, 2, 5, 7], [0, 3, 4, 7], [0, 2, 5, 7], [0, 2, 5, 7]])
+    kv_base = torch.tensor([0, 0, 0, 0, 1000])
+    n_cols = torch.full((5,), 4)
+    no_windows = torch.zeros(5, dtype=torch.long)
+    groups = _shared_rests(kv_base, torch.zeros(5, 1, dtype=torch.long), no_windows, cols, n_cols, 64, 2)
+    assert [(rows.tolist(), tokens.tolist()) for rows, tokens in groups] == [([0, 1, 3], [0, 2, 5, 7])]
+    # windows count too: the first window's 64 tokens, then the columns
+    offsets = torch.tensor([[128], [128], [128], [64], [128]])
+    groups = _shared_rests(kv_base, offsets, torch.ones(5, dtype=torch.long), cols, n_cols, 64, 2)
+    assert [rows.tolist() for rows, _ in groups] == [[0, 1]]
+    assert groups[0][1].tolist() == list(range(128, 192)) + [0, 2, 5, 7]
+
+
+def test_a_shape_sink_shared_by_many_blocks_matches_the_reference():
+    q, k, v = qkv(2048, heads=4, kv_heads=2)
+    index = a_shape_index(2048, [4, 4, 1, 64], [128, 128, 64, 200], 4)
+    out = sparse_attention_cpu(q, k, v, index, 0.2)
+    err, budget = within_budget(out, q, k, v, index, 0.2)
+    assert err <= budget
+    unshared = sparse_attention_cpu(q, k, v, index, 0.2, min_share=10**9)
+    assert float((out - unshared).abs().max()) < 1e-5
