@@ -112,16 +112,17 @@ def _trailing_runs(offsets: Tensor, count: Tensor, r0: Tensor, bs: int) -> Tenso
     return match.long().cumprod(1).sum(1)
 
 
-def _segments(run: Tensor, nqb: int, min_run: int, min_group: int) -> list[tuple[int, int, int]]:
+def _segments(run: Tensor, nqb: int, min_run: int, min_group: int, long_run: int) -> list[tuple[int, int, int]]:
     """Maximal ranges [e0, e1) of consecutive query blocks of one (batch, head) sharing a trailing
-    run length R >= min_run, at least ``min_group`` long: [(e0, e1, R), ...]."""
+    run length R >= min_run, at least ``min_group`` long (any length if R >= ``long_run``, e.g. a
+    dense last block): [(e0, e1, R), ...]."""
     key = torch.where(run >= min_run, run, 0)
     e = torch.arange(len(run))
     start = (e % nqb == 0) | torch.cat([torch.ones(1, dtype=torch.bool), key[1:] != key[:-1]])
     seg = start.long().cumsum(0) - 1
     lengths = torch.bincount(seg)
     firsts = torch.nonzero(start).flatten()
-    keep = (key[firsts] > 0) & (lengths >= min_group)
+    keep = (key[firsts] > 0) & ((lengths >= min_group) | (key[firsts] >= long_run))
     return [(int(f), int(f) + int(n), int(r)) for f, n, r in zip(firsts[keep], lengths[keep], key[firsts[keep]])]
 
 
@@ -174,7 +175,7 @@ def _shared_rests(kv_base: Tensor, offsets: Tensor, n_win: Tensor, cols: Tensor,
 
 def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, scale: float, *,
                          quantum: int = 64, workspace_mb: float = 4.0, min_batch: int = 16, min_run: int = 4,
-                         min_group: int = 4, min_share: int = 16,
+                         min_group: int = 4, long_run: int = 16, min_share: int = 16,
                          compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """Sparse prefill attention on CPU (see the module docstring).
 
@@ -184,9 +185,10 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     K / V buffer (small enough to stay in cache), grown so that blocks with the longest window
     lists still go ``min_batch`` at a time (fewer, larger kernel calls: 1.06x faster at 32k
     block-sparse, unchanged at 8k); ``min_share``: at least this many blocks with the same rest
-    keys share one copy of them; ``min_run``, ``min_group``: a trailing run
+    keys share one copy of them; ``min_run``, ``min_group``, ``long_run``: a trailing run
     of at least ``min_run`` windows shared by at least ``min_group`` consecutive query blocks
-    is read in place. Returns [B, H, N, D] in q's dtype.
+    is read in place, and so is a run of ``long_run`` windows or more in any block (e.g. the
+    dense last block). Returns [B, H, N, D] in q's dtype.
     """
     b, h, n, d = q.shape
     hkv = k.shape[1]
@@ -217,7 +219,7 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
 
     # 1) trailing runs read in place: consecutive blocks' runs are one strided view of K and V
     in_place = torch.zeros(e_total, dtype=torch.long)
-    for e0, e1, run in _segments(_trailing_runs(offsets, n_windows, r0, bs), nqb, min_run, min_group):
+    for e0, e1, run in _segments(_trailing_runs(offsets, n_windows, r0, bs), nqb, min_run, min_group, long_run):
         first_row = int(kv_base[e0] + r0[e0]) - bs * (run - 1)
         shape, stride = (e1 - e0, 1, run * bs, d), (bs * d, 0, d, 1)
         o, l = attention_lse(qf[e0:e1].view(e1 - e0, 1, bs, d), kf.as_strided(shape, stride, first_row * d),

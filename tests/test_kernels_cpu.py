@@ -34,7 +34,7 @@ def test_cpu_density_zero_and_one(make):
 
 
 @pytest.mark.parametrize("knobs", [dict(workspace_mb=0.001, quantum=16), dict(min_run=1, min_group=1),
-                                   dict(min_run=2, min_group=3, quantum=32), dict(min_share=1, min_batch=1),
+                                   dict(min_run=2, min_group=3, quantum=32), dict(min_share=1, min_batch=1, long_run=1),
                                    dict(min_share=10**9, min_batch=64)])
 def test_cpu_knobs_change_the_schedule_not_the_result(knobs):
     # min_run / min_group 1: every trailing run is read in place (strided views) and the rest merged
