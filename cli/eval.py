@@ -35,10 +35,9 @@ Examples:
 
   vlsparse eval --task demo-multi --n 100 --profile profiles/demo.yaml   # sparse vs dense, same samples
 
-With --profile, the same samples are answered twice, dense and then with the profile's
+With --profile, every sample is answered twice in turn, dense and then with the profile's
 sparse attention (prefills of 512+ tokens), and the report sets the two side by side:
-accuracy, answers that agree, attention density kept, and median prefill time. The two
-passes run one after the other; `vlsparse bench e2e` interleaves them for timing.
+accuracy, answers that agree, attention density kept, and median prefill time.
 """
 
 
@@ -147,32 +146,40 @@ def _demo_accuracy(loaded, task: str, n: int, seed: int, err: Console, label: st
 
 
 def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backend: str, err: Console) -> dict:
-    """The same samples answered dense, then with ``profile``'s sparse attention attached."""
+    """The same samples answered dense and with ``profile``'s sparse attention, taking turns per sample."""
+    from vlsparse.demo.evaluate import evaluate_paired
     from vlsparse.kernels.bench_e2e import ForwardClock
-    from vlsparse.kernels.runtime import attach, detach
+    from vlsparse.kernels.runtime import attach, detach, set_enabled
     from vlsparse.profile import load_profile
 
     profile_obj = load_profile(profile)
     clocks = {"dense": ForwardClock(), "sparse": ForwardClock()}
-    handles = clocks["dense"].attach(loaded.model)
-    dense = _demo_accuracy(loaded, task, n, seed, err, " (dense)")
-    for handle in handles:
-        handle.remove()
     runtime = attach(loaded, profile_obj, backend=backend)
+    current = {"clock": clocks["dense"]}
+    handles = [loaded.model.register_forward_pre_hook(lambda *a, **k: current["clock"].pre(*a, **k), with_kwargs=True),
+               loaded.model.register_forward_hook(lambda *a, **k: current["clock"].post(*a, **k), with_kwargs=True)]
     densities: list[float] = []
+
+    def mode(name: str):
+        def switch() -> None:
+            set_enabled(loaded, runtime, name == "sparse")
+            current["clock"] = clocks[name]
+        return switch
 
     def note_density() -> None:
         density = runtime.mean_density()
         if density is not None:
             densities.append(density)
 
-    handles = clocks["sparse"].attach(loaded.model)
     try:
-        sparse = _demo_accuracy(loaded, task, n, seed, err, " (sparse)", progress=note_density)
+        with err.status(f"answering {n} {task} questions, dense and sparse in turn"):
+            results = evaluate_paired(loaded.model, loaded.processor, {"dense": mode("dense"), "sparse": mode("sparse")},
+                                      task=task, n=n, seed=seed, progress=note_density)
     finally:
         for handle in handles:
             handle.remove()
         detach(loaded, runtime)
+    dense, sparse = results["dense"], results["sparse"]
     prefill = {name: 1000 * statistics.median(c.prefill_s) for name, c in clocks.items()}
     same = sum(a == b for a, b in zip(dense["answers"], sparse["answers"]))
     return {**sparse, "dense": dense, "accuracy_delta": sparse["accuracy"] - dense["accuracy"],

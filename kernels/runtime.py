@@ -165,11 +165,16 @@ def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512,
     return runtime
 
 
+def set_enabled(loaded, runtime: SparseRuntime, enabled: bool) -> None:
+    """Switch an attached runtime off (stock SDPA) or back on, e.g. to take turns with dense."""
+    runtime.enabled = enabled
+    loaded.model.set_attn_implementation(ATTENTION_NAME if enabled else "sdpa")
+
+
 def detach(loaded, runtime: SparseRuntime) -> None:
     """Back to dense attention for this model (the hook stays but the runtime is disabled)."""
-    runtime.enabled = False
-    loaded.model.set_attn_implementation("sdpa")
+    set_enabled(loaded, runtime, False)
 
 
-__all__: list[Any] = ["ATTENTION_NAME", "SparseRuntime", "attach", "detach", "register_attention",
+__all__: list[Any] = ["ATTENTION_NAME", "SparseRuntime", "attach", "detach", "register_attention", "set_enabled",
                       "vlsparse_attention"]

@@ -7,6 +7,8 @@ Sources (``calibration_from``):
   and ``grid`` (a large image cut into tiles), with as many images as it takes
   to reach ``seq_len`` tokens in the model's own prompt format. Seeds come from
   a reserved slice of the evaluation split (``CALIB_SEED_BASE + seed + i``).
+- ``--calib demo:multi``, ``demo:grid`` (or ``demo:multi+grid``, the default): only those
+  demo tasks, for a profile fitted to the prompts it will serve.
 - no ``--calib``, a text-only model: windows of CPython's pydoc topics
   (the calibration part of ``vlsparse.perplexity.pydoc_text``).
 - ``--calib FILE.jsonl``: image-text entries used as given, or plain text
@@ -60,8 +62,10 @@ class CalibrationSet:
 # ----------------------------------------------------------------------------- building
 
 
-def demo_calibration(loaded, samples: int, seq_len: int, seed: int) -> CalibrationSet:
-    """Demo scenes sized to about ``seq_len`` tokens in ``loaded``'s prompt format (VLMs only)."""
+def demo_calibration(loaded, samples: int, seq_len: int, seed: int,
+                     tasks: tuple[str, ...] = DEMO_TASKS) -> CalibrationSet:
+    """Demo scenes sized to about ``seq_len`` tokens in ``loaded``'s prompt format (VLMs only),
+    sample i from ``tasks[i % len(tasks)]``."""
     from vlsparse.demo import scenes
 
     per_image, overhead = _image_cost(loaded)
@@ -69,7 +73,7 @@ def demo_calibration(loaded, samples: int, seq_len: int, seed: int) -> Calibrati
     base = scenes.EVAL_SEED_BASE + CALIB_SEED_OFFSET + seed
     out = []
     for i in range(samples):
-        task = DEMO_TASKS[i % len(DEMO_TASKS)]
+        task = tasks[i % len(tasks)]
         rng = scenes.sample_rng(task, base + i)
         if task == "grid":
             item = scenes.sample("grid", rng, grid=grid_shape(n_images))
@@ -77,7 +81,17 @@ def demo_calibration(loaded, samples: int, seq_len: int, seed: int) -> Calibrati
             item = scenes.sample("multi", rng, n_images=n_images)
         images, labels = item.model_images()
         out.append(CalibSample(name=f"demo-{task}-{base + i}", images=images, prompt=item.question, labels=labels))
-    return CalibrationSet(source=f"demo:{'+'.join(DEMO_TASKS)}", samples=out, seq_len=seq_len, seed=seed)
+    return CalibrationSet(source=f"demo:{'+'.join(tasks)}", samples=out, seq_len=seq_len, seed=seed)
+
+
+def demo_tasks(calib: str) -> tuple[str, ...]:
+    """``demo:multi+grid`` -> ("multi", "grid"); a one-line ``InputError`` for unknown tasks."""
+    tasks = tuple(t for t in calib.split(":", 1)[1].split("+") if t)
+    unknown = [t for t in tasks if t not in DEMO_TASKS]
+    if not tasks or unknown:
+        raise InputError(f"unknown demo calibration {calib!r}",
+                         f"use demo: followed by {' or '.join(DEMO_TASKS)} joined with +, e.g. demo:multi")
+    return tasks
 
 
 def grid_shape(cells: int) -> tuple[int, int]:
@@ -149,6 +163,11 @@ def calibration_from(loaded, calib: str | Path | None = None, samples: int = 4, 
         from vlsparse.perplexity import pydoc_text
 
         return text_calibration(loaded, pydoc_text("calib"), "pydoc", samples, seq_len, seed)
+    if str(calib).startswith("demo:"):
+        tasks = demo_tasks(str(calib))
+        if not loaded.adapter.is_vlm:
+            raise InputError(f"--calib {calib} needs a vision-language model", "drop --calib for text models")
+        return demo_calibration(loaded, samples, seq_len, seed, tasks)
     path = Path(calib)
     if not path.exists():
         raise InputError(f"calibration file {path} not found", "pass a .jsonl, a .txt file or a folder of .txt files")

@@ -45,6 +45,19 @@ def test_held_out_vqa_accuracy_is_far_above_chance(demo):
         assert result["per_qtype"][qtype]["accuracy"] >= 0.85, (qtype, result["per_qtype"])
 
 
+def test_paired_evaluation_takes_turns_per_sample_and_matches_evaluate(demo):
+    from vlsparse.demo.evaluate import evaluate_paired
+
+    model, processor = demo
+    turns: list[str] = []
+    results = evaluate_paired(model, processor, {"a": lambda: turns.append("a"), "b": lambda: turns.append("b")},
+                              "vqa", n=4, seed=3)
+    assert turns == ["a", "b"] * 4  # every sample in both modes before the next sample
+    single = evaluate(model, processor, "vqa", n=4, seed=3)
+    for name in ("a", "b"):  # the switches change nothing here, so each mode is plain evaluate
+        assert results[name] == single
+
+
 def test_answers_depend_on_the_image(demo):
     """The same question on scenes that differ only in the asked colour's shape gets each shape right."""
     model, processor = demo

@@ -57,6 +57,18 @@ def test_demo_scenes_reach_the_target_length(llava):
     assert all(300 <= n < 300 + 40 for n in lengths), lengths
 
 
+def test_one_demo_task_is_a_calibration_source(llava, llama):
+    grid = calibration_from(llava, "demo:grid", samples=3, seq_len=300, seed=0)
+    assert grid.source == "demo:grid" and [s.name.split("-")[1] for s in grid.samples] == ["grid"] * 3
+    both = calibration_from(llava, "demo:multi+grid", samples=2, seq_len=300, seed=0)
+    default = calibration_from(llava, None, samples=2, seq_len=300, seed=0)
+    assert [s.name for s in both.samples] == [s.name for s in default.samples]
+    with pytest.raises(InputError, match="unknown demo calibration 'demo:vqa'"):
+        calibration_from(llava, "demo:vqa", samples=1, seq_len=300)
+    with pytest.raises(InputError, match="needs a vision-language model"):
+        calibration_from(llama, "demo:multi", samples=1, seq_len=128)
+
+
 def test_jsonl_lines_and_their_errors(llava, llama, tmp_path, image_file):
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join([json.dumps({"images": [str(image_file)], "prompt": "what is this?"}),

@@ -58,32 +58,18 @@ def answer_sample(model, processor, sample: scenes.Sample, max_new_tokens: int =
     return tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True), prompt_len
 
 
-def evaluate(model, processor, task: str = "vqa", n: int = 200, seed: int = 0,
-             progress: Callable[[], None] | None = None, **sample_kwargs) -> dict:
-    """Accuracy of ``model`` on ``n`` held-out samples of ``task`` (vqa, multi, grid).
-
-    Returns ``accuracy``, ``ci95``, ``per_qtype`` ({qtype: {n, accuracy}}),
-    ``chance`` (mean 1/#answers), ``mean_prompt_tokens``, ``n``, ``seed``, ``task``, and
-    ``answers`` (the first word of each answer, in sample order, to compare two runs).
-    """
-    was_training = model.training
-    model.eval()
-    samples = scenes.generate(task, n, scenes.EVAL_SEED_BASE + seed, **sample_kwargs)
+def summarize(task: str, seed: int, samples: list[scenes.Sample], answers: list[str],
+              prompt_lens: list[int]) -> dict:
+    """The result dict of ``evaluate`` from first-word answers given to ``samples``."""
+    n = len(samples)
     per = defaultdict(lambda: [0, 0])
-    correct, tokens, chance, answers = 0, 0, 0.0, []
-    for sample in samples:
-        text, prompt_len = answer_sample(model, processor, sample)
-        answers.append(first_word(text))
-        ok = answers[-1] == sample.answer
+    correct, chance = 0, 0.0
+    for sample, answer in zip(samples, answers):
+        ok = answer == sample.answer
         correct += ok
-        tokens += prompt_len
         chance += 1 / len(scenes.ANSWERS[sample.qtype])
         per[sample.qtype][0] += ok
         per[sample.qtype][1] += 1
-        if progress is not None:
-            progress()
-    if was_training:
-        model.train()
     return {
         "task": task,
         "n": n,
@@ -92,6 +78,46 @@ def evaluate(model, processor, task: str = "vqa", n: int = 200, seed: int = 0,
         "ci95": wilson_interval(correct, n),
         "per_qtype": {q: {"n": t, "accuracy": c / t} for q, (c, t) in sorted(per.items())},
         "chance": chance / n if n else 0.0,
-        "mean_prompt_tokens": tokens / n if n else 0.0,
-        "answers": answers,
+        "mean_prompt_tokens": sum(prompt_lens) / n if n else 0.0,
+        "answers": list(answers),
     }
+
+
+def evaluate(model, processor, task: str = "vqa", n: int = 200, seed: int = 0,
+             progress: Callable[[], None] | None = None, **sample_kwargs) -> dict:
+    """Accuracy of ``model`` on ``n`` held-out samples of ``task`` (vqa, multi, grid, long).
+
+    Returns ``accuracy``, ``ci95``, ``per_qtype`` ({qtype: {n, accuracy}}),
+    ``chance`` (mean 1/#answers), ``mean_prompt_tokens``, ``n``, ``seed``, ``task``, and
+    ``answers`` (the first word of each answer, in sample order, to compare two runs).
+    """
+    return evaluate_paired(model, processor, {"model": None}, task, n, seed, progress, **sample_kwargs)["model"]
+
+
+def evaluate_paired(model, processor, modes: dict[str, Callable[[], None] | None], task: str = "vqa",
+                    n: int = 200, seed: int = 0, progress: Callable[[], None] | None = None,
+                    **sample_kwargs) -> dict[str, dict]:
+    """``evaluate`` under several modes of one model, taking turns on every sample.
+
+    ``modes`` maps a name to a function that switches the model into that mode (or None);
+    each sample is answered in every mode, in order, before the next sample, so a machine
+    whose speed drifts slows the modes alike (for timings taken by hooks meanwhile).
+    ``progress`` is called after each sample's last mode. Returns {name: evaluate's dict}.
+    """
+    was_training = model.training
+    model.eval()
+    samples = scenes.generate(task, n, scenes.EVAL_SEED_BASE + seed, **sample_kwargs)
+    answers: dict[str, list[str]] = {name: [] for name in modes}
+    lens: dict[str, list[int]] = {name: [] for name in modes}
+    for sample in samples:
+        for name, switch in modes.items():
+            if switch is not None:
+                switch()
+            text, prompt_len = answer_sample(model, processor, sample)
+            answers[name].append(first_word(text))
+            lens[name].append(prompt_len)
+        if progress is not None:
+            progress()
+    if was_training:
+        model.train()
+    return {name: summarize(task, seed, samples, answers[name], lens[name]) for name in modes}
