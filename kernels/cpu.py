@@ -64,20 +64,51 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, *, mask: Tensor
 def _merge_into(out: Tensor, lse: Tensor, rows: Tensor, o2: Tensor, lse2: Tensor) -> None:
     """Fold a partial result over disjoint keys into ``out[rows]``, ``lse[rows]`` (stable):
     o = (o1 e^{lse1} + o2 e^{lse2}) / (e^{lse1} + e^{lse2}), lse = log(e^{lse1} + e^{lse2})."""
-    o1, lse1 = out[rows], lse[rows]
+    first, count = int(rows[0]), len(rows)
+    if int(rows[-1]) - first + 1 == count:  # consecutive rows (ascending): update slices in place
+        o1, lse1 = out[first: first + count], lse[first: first + count]
+    else:
+        o1, lse1 = out[rows], lse[rows]
     new_lse = torch.logaddexp(lse1, lse2)
     w1 = torch.exp(lse1 - new_lse).unsqueeze(-1)
     w2 = torch.exp(lse2 - new_lse).unsqueeze(-1)
-    out.index_copy_(0, rows, o1.mul_(w1).add_(o2.mul_(w2)))
-    lse.index_copy_(0, rows, new_lse)
+    o1.mul_(w1).add_(o2.mul_(w2))
+    if o1.data_ptr() == out[first].data_ptr():
+        lse1.copy_(new_lse)
+    else:
+        out.index_copy_(0, rows, o1)
+        lse.index_copy_(0, rows, new_lse)
+
+
+def _merge_shared_keys(out: Tensor, lse: Tensor, qf: Tensor, rows: Tensor, kc: Tensor, vc: Tensor,
+                       scale: float) -> None:
+    """Fold attention over keys ``kc``/``vc`` [W, D], the same for every block in ``rows`` (all before
+    them), into ``out[rows]`` / ``lse[rows]`` with two plain matmuls over all their query rows:
+    ``lse' = log(e^lse + sum_j e^{s_j})``, ``out' = out e^{lse - lse'} + e^{s - lse'} V`` (fp32)."""
+    g, bs, d = len(rows), qf.shape[1], qf.shape[2]
+    first = int(rows[0])
+    consecutive = int(rows[-1]) - first + 1 == g
+    pick = (lambda t: t[first: first + g]) if consecutive else (lambda t: t[rows])
+    o1, lse1 = pick(out).reshape(g * bs, d).float(), pick(lse).reshape(g * bs)
+    s = torch.mm(pick(qf).reshape(g * bs, d).float(), kc.float().t()).mul_(scale)
+    new_lse = torch.logaddexp(lse1, torch.logsumexp(s, -1))
+    o1.mul_(torch.exp(lse1 - new_lse)[:, None]).addmm_(s.sub_(new_lse[:, None]).exp_(), vc.float())
+    if consecutive:
+        out[first: first + g] = o1.view(g, bs, d)  # a no-op copy when o1 is already that fp32 slice
+        lse[first: first + g] = new_lse.view(g, bs)
+    else:
+        out.index_copy_(0, rows, o1.view(g, bs, d).to(out.dtype))
+        lse.index_copy_(0, rows, new_lse.view(g, bs))
 
 
 def _padded(x: Tensor, rows: int, dtype: torch.dtype) -> Tensor:
     """``x`` [B, H, N, D] as a contiguous ``dtype`` tensor with ``rows`` rows (zeros after N); no copy if it is one."""
-    x = x.to(dtype)
-    if x.shape[2] != rows:
-        x = F.pad(x, (0, 0, 0, rows - x.shape[2]))
-    return x.contiguous()
+    if x.shape[2] == rows:
+        return x.to(dtype).contiguous()
+    out = x.new_empty(x.shape[0], x.shape[1], rows, x.shape[3], dtype=dtype)
+    out[:, :, : x.shape[2]].copy_(x)
+    out[:, :, x.shape[2]:].zero_()
+    return out
 
 
 def _causal_tail_masks(windows: int, bs: int, dtype: torch.dtype):
@@ -254,15 +285,11 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     #    mask; merged with what steps 1-2 gave. First, groups of blocks whose rest is the same keys
     #    (a-shape's sink, vertical columns between two slashes) read one copy of them (batch stride 0)
     for rows, tokens in _shared_rests(kv_base, offsets, rest_windows, cols, n_cols, bs, min_share):
-        w = len(tokens)
-        kg = kf.index_select(0, kv_base[rows[0]] + tokens).view(1, 1, w, d)
-        vg = vf.index_select(0, kv_base[rows[0]] + tokens).view(1, 1, w, d)
-        for c0 in range(0, len(rows), max(1, size // (bs * d))):
-            chunk = rows[c0: c0 + max(1, size // (bs * d))]
-            g = len(chunk)
-            qg = torch.index_select(qf, 0, chunk, out=qws[: g * bs * d].view(g, bs, d))
-            o, l = attention_lse(qg.view(g, 1, bs, d), kg.expand(g, 1, w, d), vg.expand(g, 1, w, d), scale)
-            _merge_into(out, lse, chunk, o.view(g, bs, d), l.view(g, bs))
+        kc = kf.index_select(0, kv_base[rows[0]] + tokens)
+        vc = vf.index_select(0, kv_base[rows[0]] + tokens)
+        step = max(1, size // (bs * max(len(tokens), d)))
+        for c0 in range(0, len(rows), step):
+            _merge_shared_keys(out, lse, qf, rows[c0: c0 + step], kc, vc, scale)
         rest[rows] = 0
     #    then the others, gathered per block, padded to a multiple of quantum with a key-padding mask
     for width, rows in _groups((rest + quantum - 1) // quantum * quantum, d, capacity, floor=bs * d):

@@ -148,3 +148,13 @@ def test_a_shape_sink_shared_by_many_blocks_matches_the_reference():
     assert err <= budget
     unshared = sparse_attention_cpu(q, k, v, index, 0.2, min_share=10**9)
     assert float((out - unshared).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_shared_keys_path_in_low_precision_within_budget(dtype):
+    q, k, v = qkv(700, heads=8, kv_heads=2, dtype=dtype)
+    index = every_pattern_index(q, k)
+    out = sparse_attention_cpu(q, k, v, index, 0.2, min_share=1)
+    assert out.dtype == dtype
+    err, budget = within_budget(out, q, k, v, index, 0.2)
+    assert err <= budget
