@@ -143,11 +143,14 @@ def _trailing_runs(offsets: Tensor, count: Tensor, r0: Tensor, bs: int) -> Tenso
     return match.long().cumprod(1).sum(1)
 
 
-def _segments(run: Tensor, nqb: int, min_run: int, min_group: int, long_run: int) -> list[tuple[int, int, int]]:
+def _segments(run: Tensor, nqb: int, min_run: int, min_group: int, long_run: int,
+              whole: Tensor | None = None) -> list[tuple[int, int, int]]:
     """Maximal ranges [e0, e1) of consecutive query blocks of one (batch, head) sharing a trailing
-    run length R >= min_run, at least ``min_group`` long (any length if R >= ``long_run``, e.g. a
-    dense last block): [(e0, e1, R), ...]."""
-    key = torch.where(run >= min_run, run, 0)
+    run length R >= min_run (or any R where ``whole``: the run is the block's whole window list, so
+    reading it in place leaves no windows to merge), at least ``min_group`` long (any length if
+    R >= ``long_run``, e.g. a dense last block): [(e0, e1, R), ...]."""
+    ok = run >= min_run if whole is None else (run >= min_run) | (whole & (run > 0))
+    key = torch.where(ok, run, 0)
     e = torch.arange(len(run))
     start = (e % nqb == 0) | torch.cat([torch.ones(1, dtype=torch.bool), key[1:] != key[:-1]])
     seg = start.long().cumsum(0) - 1
@@ -218,8 +221,8 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     block-sparse, unchanged at 8k); ``min_share``: at least this many blocks with the same rest
     keys share one copy of them; ``min_run``, ``min_group``, ``long_run``: a trailing run
     of at least ``min_run`` windows shared by at least ``min_group`` consecutive query blocks
-    is read in place, and so is a run of ``long_run`` windows or more in any block (e.g. the
-    dense last block). Returns [B, H, N, D] in q's dtype.
+    is read in place (shorter ones too when they are the whole window list), and so is a run
+    of ``long_run`` windows or more in any block (e.g. the dense last block). Returns [B, H, N, D] in q's dtype.
     """
     b, h, n, d = q.shape
     hkv = k.shape[1]
@@ -250,7 +253,8 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
 
     # 1) trailing runs read in place: consecutive blocks' runs are one strided view of K and V
     in_place = torch.zeros(e_total, dtype=torch.long)
-    for e0, e1, run in _segments(_trailing_runs(offsets, n_windows, r0, bs), nqb, min_run, min_group, long_run):
+    runs = _trailing_runs(offsets, n_windows, r0, bs)
+    for e0, e1, run in _segments(runs, nqb, min_run, min_group, long_run, runs == n_windows):
         first_row = int(kv_base[e0] + r0[e0]) - bs * (run - 1)
         shape, stride = (e1 - e0, 1, run * bs, d), (bs * d, 0, d, 1)
         o, l = attention_lse(qf[e0:e1].view(e1 - e0, 1, bs, d), kf.as_strided(shape, stride, first_row * d),

@@ -158,3 +158,13 @@ def test_shared_keys_path_in_low_precision_within_budget(dtype):
     assert out.dtype == dtype
     err, budget = within_budget(out, q, k, v, index, 0.2)
     assert err <= budget
+
+
+def test_short_runs_are_read_in_place_only_when_they_are_the_whole_list():
+    from vlsparse.kernels.cpu import _segments
+
+    run = torch.tensor([2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1])  # one head, 12 query blocks
+    whole = torch.tensor([True] * 4 + [False] * 4 + [True] * 4)
+    assert _segments(run, 12, 4, 4, 16) == []  # runs under min_run: gathered
+    assert _segments(run, 12, 4, 4, 16, whole) == [(0, 4, 2), (8, 12, 1)]
+    assert _segments(torch.tensor([3] * 3 + [20]), 4, 4, 4, 16) == [(3, 4, 20)]  # a long run alone
