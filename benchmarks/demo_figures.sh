@@ -2,7 +2,7 @@
 # The figures of the README and the closing notes, measured on the embedded demo model in
 # one run, one command after the other (so the machine's load hits them alike).
 #
-#   bash benchmarks/demo_figures.sh [WORKDIR]      # default: figures-run/ (about 30 minutes here)
+#   bash benchmarks/demo_figures.sh [WORKDIR]      # default: figures-run/ (about 45 minutes here)
 #
 # Every command is one a user can type; its stdout (JSON where the command has --json) goes
 # to WORKDIR/<step>.out, its summary (stderr) to WORKDIR/<step>.log, and `/usr/bin/time -v` adds wall time and peak RSS there.
@@ -26,16 +26,24 @@ step eval-vqa eval --task demo-vqa --n 500 --json
 step eval-multi eval --task demo-multi --n 100 --json
 step eval-grid eval --task demo-grid --n 100 --json
 
-# 2. attention profiles at 4k, 8k and 16k tokens (issue 4)
+# 2. attention profiles at 4k, 8k and 16k tokens on the default calibration (multi and grid
+#    prompts; issue 4), and profiles fitted to one task's prompts (--calib demo:multi / demo:grid)
 step profile-4k profile --seq-len 4096
 step profile-8k profile --seq-len 8192 --out profile-8k/demo.yaml    # outside ./profiles: prune carries the 4k one
 step profile-16k profile --seq-len 16384 --out profile-16k/demo.yaml
+step profile-4k-multi profile --seq-len 4096 --calib demo:multi --out profile-4k-multi/demo.yaml
+step profile-5k-grid profile --seq-len 5376 --calib demo:grid --out profile-5k-grid/demo.yaml
+step profile-8k-multi profile --seq-len 8192 --calib demo:multi --out profile-8k-multi/demo.yaml
 
-# 3. the sparse runtime on the long tasks, dense and sparse on the same samples (issue 5);
-#    each task with the profile made at its length
+# 3. the sparse runtime on the long tasks, dense and sparse in turn on the same samples (issue 5);
+#    each task with a profile made at its length: the default one, then the one fitted to the task
 step sparse-multi eval --task demo-multi --n 100 --profile profiles/demo.yaml --json
 step sparse-grid eval --task demo-grid --n 100 --profile profiles/demo.yaml --json
 step sparse-long eval --task demo-long --n 100 --profile profile-8k/demo.yaml --json
+step sparse-multi-fit eval --task demo-multi --n 100 --profile profile-4k-multi/demo.yaml --json
+step sparse-grid-fit eval --task demo-grid --n 100 --profile profile-5k-grid/demo.yaml --json
+step sparse-long-fit eval --task demo-long --n 100 --profile profile-8k-multi/demo.yaml --json
+step bench-attention bench attention --seq 8192,32768 --densities 0.1 --json
 
 # 4. pruning at 50%: three allocations, and the packed size (issue 6)
 for allocation in ecoflap owl uniform; do
