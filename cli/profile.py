@@ -29,7 +29,8 @@ that predicts the answer, which the all-rows mean hardly sees). By default that
 block runs dense in every head (--no-dense-tail to score it like the rest).
 Indices are estimated as the runtime will (last 64 queries, pooled blocks).
 
-Calibration: the demo scene generator for vision-language models, CPython's
+Calibration: the demo scene generator for vision-language models (multi-image
+and grid prompts; --calib demo:multi or demo:grid for one kind), CPython's
 pydoc text for text-only models, or --calib (a JSONL of
 {"images": [...], "prompt": ...} / {"text": ...} lines, a .txt file, or a
 folder of .txt files).
@@ -44,6 +45,7 @@ Examples:
   vlsparse profile
   vlsparse profile --model ./SmolLM2-135M-Instruct --seq-len 8192 --samples 2
   vlsparse profile --model ./llava-1.5-7b-hf --calib calib.jsonl --recall 0.9 --out llava.yaml
+  vlsparse profile --seq-len 8192 --calib demo:multi --out p8k/demo.yaml   # multi-image prompts only
 """
 
 
