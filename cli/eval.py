@@ -173,8 +173,9 @@ def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backen
 
     try:
         with err.status(f"answering {n} {task} questions, dense and sparse in turn"):
-            results = evaluate_paired(loaded.model, loaded.processor, {"dense": mode("dense"), "sparse": mode("sparse")},
-                                      task=task, n=n, seed=seed, progress=note_density)
+            modes = {"dense": mode("dense"), "sparse": mode("sparse")}
+            results = evaluate_paired(loaded.model, loaded.processor, modes, task=task, n=n, seed=seed,
+                                      progress=note_density)
     finally:
         for handle in handles:
             handle.remove()

@@ -15,9 +15,9 @@ log-sum-exp) batches of 64-row query blocks, in three steps:
    than 64 MB). The diagonal window is last, so one causal-tail mask again serves a group.
 3. The rest (windows before an in-place run, and the columns, all before the block), merged:
    ``o = (o1 e^{lse1} + o2 e^{lse2}) / (e^{lse1} + e^{lse2})``. Blocks whose rest is exactly the
-   same keys (an a-shape sink; vertical columns between two slashes) read one copy of them
-   through a zero batch stride; the others get their token rows gathered, grouped by count
-   rounded up to ``quantum``, with a ``[G, 1, 1, L]`` key-padding mask.
+   same keys (an a-shape sink; vertical columns between two slashes) gather them once and fold
+   them in with two plain matmuls over all their query rows; the others get their token rows
+   gathered, grouped by count rounded up to ``quantum``, with a ``[G, 1, 1, L]`` key-padding mask.
 
 GQA: every read goes to KV head ``h // group`` directly. Computes in fp32 by default.
 Measured (2 cores, D=64): gathered windows ran at ~75% of the in-place speed; compiled
@@ -219,10 +219,11 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     K / V buffer (small enough to stay in cache), grown so that blocks with the longest window
     lists still go ``min_batch`` at a time (fewer, larger kernel calls: 1.06x faster at 32k
     block-sparse, unchanged at 8k); ``min_share``: at least this many blocks with the same rest
-    keys share one copy of them; ``min_run``, ``min_group``, ``long_run``: a trailing run
+    keys fold them in together; ``min_run``, ``min_group``, ``long_run``: a trailing run
     of at least ``min_run`` windows shared by at least ``min_group`` consecutive query blocks
     is read in place (shorter ones too when they are the whole window list), and so is a run
-    of ``long_run`` windows or more in any block (e.g. the dense last block). Returns [B, H, N, D] in q's dtype.
+    of ``long_run`` windows or more in any block (e.g. the dense last block).
+    Returns [B, H, N, D] in q's dtype.
     """
     b, h, n, d = q.shape
     hkv = k.shape[1]
@@ -287,7 +288,7 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
 
     # 3) the rest (windows before an in-place run, and columns): all before the block, so no causal
     #    mask; merged with what steps 1-2 gave. First, groups of blocks whose rest is the same keys
-    #    (a-shape's sink, vertical columns between two slashes) read one copy of them (batch stride 0)
+    #    (a-shape's sink, vertical columns between two slashes): one copy of them, two matmuls
     for rows, tokens in _shared_rests(kv_base, offsets, rest_windows, cols, n_cols, bs, min_share):
         kc = kf.index_select(0, kv_base[rows[0]] + tokens)
         vc = vf.index_select(0, kv_base[rows[0]] + tokens)
