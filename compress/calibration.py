@@ -159,6 +159,9 @@ def build_calibration(adapter, processor, calib: str | Path | None, samples: int
         raise InputError(f"--samples must be at least 1, got {samples}")
     if seq_len < 2:
         raise InputError(f"--seq-len must be at least 2, got {seq_len}")
+    if calib is not None and str(calib).startswith("demo:"):
+        raise InputError(f"prune does not take --calib {calib} (that is for profile and calibrate)",
+                         "drop --calib to prune on demo scenes, or pass a .jsonl or text file")
     path = Path(calib) if calib is not None else None
     if adapter.is_vlm:
         return vlm_calibration(adapter, processor, path, samples, seed)

@@ -77,3 +77,10 @@ def test_default_model_follows_newest_profile(llama_dir, tmp_path):
     save_profile(Profile(model=fingerprint), tmp_path / "profiles" / "new.yaml")
     model, why = default_model(tmp_path)
     assert model == str(llama_dir) and "new.yaml" in why
+
+
+def test_a_demo_calibration_name_is_refused_with_a_pointer(qwen2_vl_dir):
+    loaded = load(str(qwen2_vl_dir))
+    with pytest.raises(InputError, match="for profile and calibrate") as info:
+        build_calibration(loaded.adapter, loaded.processor, "demo:multi", samples=4, seq_len=64, seed=0)
+    assert "\n" not in info.value.one_line()
