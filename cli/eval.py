@@ -137,12 +137,11 @@ def _perplexity(loaded, seq_len: int, err: Console):
         return perplexity(loaded.model, loaded.processor, pydoc_text("heldout"), seq_len=seq_len)
 
 
-def _demo_accuracy(loaded, task: str, n: int, seed: int, err: Console, label: str = "",
-                   progress=None) -> dict:
+def _demo_accuracy(loaded, task: str, n: int, seed: int, err: Console) -> dict:
     from vlsparse.demo.evaluate import evaluate
 
-    with err.status(f"answering {n} {task} questions{label}"):
-        return evaluate(loaded.model, loaded.processor, task=task, n=n, seed=seed, progress=progress)
+    with err.status(f"answering {n} {task} questions"):
+        return evaluate(loaded.model, loaded.processor, task=task, n=n, seed=seed)
 
 
 def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backend: str, err: Console) -> dict:

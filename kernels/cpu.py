@@ -64,20 +64,12 @@ def attention_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, *, mask: Tensor
 def _merge_into(out: Tensor, lse: Tensor, rows: Tensor, o2: Tensor, lse2: Tensor) -> None:
     """Fold a partial result over disjoint keys into ``out[rows]``, ``lse[rows]`` (stable):
     o = (o1 e^{lse1} + o2 e^{lse2}) / (e^{lse1} + e^{lse2}), lse = log(e^{lse1} + e^{lse2})."""
-    first, count = int(rows[0]), len(rows)
-    if int(rows[-1]) - first + 1 == count:  # consecutive rows (ascending): update slices in place
-        o1, lse1 = out[first: first + count], lse[first: first + count]
-    else:
-        o1, lse1 = out[rows], lse[rows]
+    o1, lse1 = out[rows], lse[rows]
     new_lse = torch.logaddexp(lse1, lse2)
     w1 = torch.exp(lse1 - new_lse).unsqueeze(-1)
     w2 = torch.exp(lse2 - new_lse).unsqueeze(-1)
-    o1.mul_(w1).add_(o2.mul_(w2))
-    if o1.data_ptr() == out[first].data_ptr():
-        lse1.copy_(new_lse)
-    else:
-        out.index_copy_(0, rows, o1)
-        lse.index_copy_(0, rows, new_lse)
+    out.index_copy_(0, rows, o1.mul_(w1).add_(o2.mul_(w2)))
+    lse.index_copy_(0, rows, new_lse)
 
 
 def _merge_shared_keys(out: Tensor, lse: Tensor, qf: Tensor, rows: Tensor, kc: Tensor, vc: Tensor,
@@ -93,8 +85,9 @@ def _merge_shared_keys(out: Tensor, lse: Tensor, qf: Tensor, rows: Tensor, kc: T
     s = torch.mm(pick(qf).reshape(g * bs, d).float(), kc.float().t()).mul_(scale)
     new_lse = torch.logaddexp(lse1, torch.logsumexp(s, -1))
     o1.mul_(torch.exp(lse1 - new_lse)[:, None]).addmm_(s.sub_(new_lse[:, None]).exp_(), vc.float())
-    if consecutive:
-        out[first: first + g] = o1.view(g, bs, d)  # a no-op copy when o1 is already that fp32 slice
+    if consecutive:  # o1 is already that slice of ``out`` when it is fp32
+        if out.dtype != torch.float32:
+            out[first: first + g] = o1.view(g, bs, d)
         lse[first: first + g] = new_lse.view(g, bs)
     else:
         out.index_copy_(0, rows, o1.view(g, bs, d).to(out.dtype))
