@@ -6,9 +6,10 @@ log-sum-exp) batches of 64-row query blocks, in three steps:
 
 1. In place: the windows that end a block's list back to back (its diagonal window and the
    local band before it) form one run of ``R`` windows; for ``min_group`` or more consecutive
-   blocks of one head with the same ``R >= min_run`` these runs are a single strided view of
-   K and V (batch stride = 64 rows), so nothing is copied. One causal-tail mask
-   ``[1, 1, 64, 64R]`` serves them all.
+   blocks of one head with the same ``R >= min_run`` (any ``R`` when the run is the whole list;
+   a single block when ``R >= long_run``) these runs are a single strided view of K and V
+   (batch stride = 64 rows), so nothing is copied. One causal-tail mask ``[1, 1, 64, 64R]``
+   serves them all.
 2. Gathered windows: the other blocks, grouped by window count, get their windows copied
    with ``index_select(..., out=workspace)`` into buffers reused across groups and small
    enough to stay in cache (fresh large buffers page-fault; a 2-4 MB workspace ran ~2x faster
