@@ -252,9 +252,9 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     for e0, e1, run in _segments(runs, nqb, min_run, min_group, long_run, runs == n_windows):
         first_row = int(kv_base[e0] + r0[e0]) - bs * (run - 1)
         shape, stride = (e1 - e0, 1, run * bs, d), (bs * d, 0, d, 1)
-        o, l = attention_lse(qf[e0:e1].view(e1 - e0, 1, bs, d), kf.as_strided(shape, stride, first_row * d),
-                             vf.as_strided(shape, stride, first_row * d), scale,
-                             mask=tail_mask(run))
+        k_run = kf.as_strided(shape, stride, kf.storage_offset() + first_row * d)  # offsets are absolute
+        v_run = vf.as_strided(shape, stride, vf.storage_offset() + first_row * d)
+        o, l = attention_lse(qf[e0:e1].view(e1 - e0, 1, bs, d), k_run, v_run, scale, mask=tail_mask(run))
         out[e0:e1] = o.view(e1 - e0, bs, d)
         lse[e0:e1] = l.view(e1 - e0, bs)
         in_place[e0:e1] = run

@@ -74,6 +74,21 @@ def test_cpu_batch_broadcast_and_non_contiguous_layout():
     assert err <= budget
 
 
+def test_cpu_inputs_that_start_inside_a_larger_tensor():
+    # contiguous head slices (as from a fused QKV projection) start at a non-zero storage offset;
+    # the in-place runs are strided views, whose offsets are absolute in the storage
+    n = 256
+    q, k, v = qkv(n, heads=8, kv_heads=8)
+    index = a_shape_index(n, 4, 130, heads=8)
+    in_place = dict(min_run=1, min_group=1)  # every local run read in place
+    full = sparse_attention_cpu(q, k, v, index, 0.2, **in_place)
+    half = type(index)(index.block_count[:, 4:], index.block_offset[:, 4:], index.column_count[:, 4:],
+                       index.column_index[:, 4:], index.block_size)
+    assert q[:, 4:].is_contiguous() and q[:, 4:].storage_offset() > 0
+    out = sparse_attention_cpu(q[:, 4:], k[:, 4:], v[:, 4:], half, 0.2, **in_place)
+    assert float((out - full[:, 4:]).abs().max()) < 1e-6
+
+
 def test_dispatch_picks_the_cpu_path_and_refuses_triton_without_the_interpreter(monkeypatch):
     q, k, v = qkv(130, heads=4, kv_heads=2)
     index = a_shape_index(130, 4, 64, heads=4)
