@@ -20,7 +20,9 @@ log-sum-exp) batches of 64-row query blocks, in three steps:
    them in with two plain matmuls over all their query rows; the others get their token rows
    gathered, grouped by count rounded up to ``quantum``, with a ``[G, 1, 1, L]`` key-padding mask.
 
-GQA: every read goes to KV head ``h // group`` directly. Computes in fp32 by default.
+GQA: every read goes to KV head ``h // group`` directly. Computes in fp32 by default. Large
+calls cut the query blocks into one consecutive part per torch thread and run each part, steps
+1-3, in its own thread (:func:`_run_in_threads`).
 Measured (2 cores, D=64): gathered windows ran at ~75% of the in-place speed; compiled
 ``flex_attention`` (below) was ~1.4x slower on block-sparse lists and ~6x slower on
 vertical-slash lists (exact columns make most blocks partial), so it is not the default.
@@ -31,6 +33,11 @@ tens of seconds per new length, so it is optional and never used by default.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -137,16 +144,16 @@ def _trailing_runs(offsets: Tensor, count: Tensor, r0: Tensor, bs: int) -> Tenso
     return match.long().cumprod(1).sum(1)
 
 
-def _segments(run: Tensor, nqb: int, min_run: int, min_group: int, long_run: int,
+def _segments(run: Tensor, head_start: Tensor, min_run: int, min_group: int, long_run: int,
               whole: Tensor | None = None) -> list[tuple[int, int, int]]:
-    """Maximal ranges [e0, e1) of consecutive query blocks of one (batch, head) sharing a trailing
+    """Maximal ranges [e0, e1) of consecutive query blocks of one (batch, head) (``head_start``: a
+    block opens a new head) sharing a trailing
     run length R >= min_run (or any R where ``whole``: the run is the block's whole window list, so
     reading it in place leaves no windows to merge), at least ``min_group`` long (any length if
     R >= ``long_run``, e.g. a dense last block): [(e0, e1, R), ...]."""
     ok = run >= min_run if whole is None else (run >= min_run) | (whole & (run > 0))
     key = torch.where(ok, run, 0)
-    e = torch.arange(len(run))
-    start = (e % nqb == 0) | torch.cat([torch.ones(1, dtype=torch.bool), key[1:] != key[:-1]])
+    start = head_start | torch.cat([torch.ones(1, dtype=torch.bool), key[1:] != key[:-1]])
     seg = start.long().cumsum(0) - 1
     lengths = torch.bincount(seg)
     firsts = torch.nonzero(start).flatten()
@@ -201,14 +208,161 @@ def _shared_rests(kv_base: Tensor, offsets: Tensor, n_win: Tensor, cols: Tensor,
     return groups
 
 
+class _Blocks(NamedTuple):
+    """Per query block (flattened over batch, heads, blocks): where its KV head starts in the
+    flattened K/V rows, its first row, and its lists."""
+
+    kv_base: Tensor  # [E]
+    r0: Tensor  # [E]
+    n_windows: Tensor  # [E]
+    offsets: Tensor  # [E, MAXB]
+    n_cols: Tensor  # [E]
+    cols: Tensor  # [E, MAXC]
+
+    def slice(self, lo: int, hi: int) -> _Blocks:
+        return _Blocks(*(t[lo:hi] for t in self))
+
+
+class _Knobs(NamedTuple):
+    quantum: int
+    min_batch: int
+    min_run: int
+    min_group: int
+    long_run: int
+    min_share: int
+    capacity: int  # elements per gathered K / V buffer
+    size: int  # elements allocated per buffer (capacity, grown for the longest window lists)
+
+
+def _balanced_ranges(cost: Tensor, parts: int) -> list[tuple[int, int]]:
+    """Cut [0, len(cost)) into at most ``parts`` consecutive ranges of about equal total cost."""
+    total = cost.cumsum(0)
+    if parts <= 1 or len(cost) < 2 * parts or int(total[-1]) == 0:
+        return [(0, len(cost))]
+    cuts = (torch.searchsorted(total, total[-1] * torch.arange(1, parts) / parts) + 1).tolist()
+    edges = sorted({0, *(min(max(c, 1), len(cost) - 1) for c in cuts), len(cost)})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _run_in_threads(tasks: list[Callable[[], None]]) -> None:
+    """Run ``tasks`` at once, one OS thread each, every thread with one torch thread.
+
+    Each task is a set of whole query blocks, so the threads share no work and no barrier
+    follows every small kernel call; each core keeps its own gathered buffers. Grad and
+    inference modes are thread-local and are copied in; torch's default thread count (which
+    ``torch.set_num_threads`` in a thread also sets) is restored afterwards."""
+    if len(tasks) == 1:
+        tasks[0]()
+        return
+    previous = torch.get_num_threads()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    errors: list[BaseException] = []
+
+    def run(task: Callable[[], None]) -> None:
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                task()
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(task,), name="vlsparse-attention") for task in tasks]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        torch.set_num_threads(previous)
+    if errors:
+        raise errors[0]
+
+
+def _attend_blocks(qf: Tensor, kf: Tensor, vf: Tensor, blocks: _Blocks, out: Tensor, lse: Tensor, scale: float,
+                   tail_mask: Callable[[int], Tensor], knobs: _Knobs) -> None:
+    """Steps 1-3 of the module docstring for the query blocks ``qf`` [E, bs, D] (``blocks`` are
+    theirs), writing ``out`` [E, bs, D] and ``lse`` [E, bs]; ``kf`` / ``vf`` are all K / V rows."""
+    e_total, bs, d = qf.shape
+    kv_base, r0, n_windows, offsets, n_cols, cols = blocks
+    dtype = qf.dtype
+    k_windows = kf.as_strided((kf.shape[0] - bs + 1, bs, d), (d, d, 1))
+    v_windows = vf.as_strided((vf.shape[0] - bs + 1, bs, d), (d, d, 1))
+
+    # 1) trailing runs read in place: consecutive blocks' runs are one strided view of K and V
+    in_place = torch.zeros(e_total, dtype=torch.long)
+    runs = _trailing_runs(offsets, n_windows, r0, bs)
+    for e0, e1, run in _segments(runs, r0 == 0, knobs.min_run, knobs.min_group, knobs.long_run, runs == n_windows):
+        first_row = int(kv_base[e0] + r0[e0]) - bs * (run - 1)
+        shape, stride = (e1 - e0, 1, run * bs, d), (bs * d, 0, d, 1)
+        k_run = kf.as_strided(shape, stride, kf.storage_offset() + first_row * d)  # offsets are absolute
+        v_run = vf.as_strided(shape, stride, vf.storage_offset() + first_row * d)
+        o, l = attention_lse(qf[e0:e1].view(e1 - e0, 1, bs, d), k_run, v_run, scale, mask=tail_mask(run))
+        out[e0:e1] = o.view(e1 - e0, bs, d)
+        lse[e0:e1] = l.view(e1 - e0, bs)
+        in_place[e0:e1] = run
+
+    rest_windows = torch.where(in_place > 0, n_windows - in_place, 0)
+    rest = rest_windows * bs + n_cols
+    kws = torch.empty(knobs.size, dtype=dtype)
+    vws = torch.empty(knobs.size, dtype=dtype)
+    qws = torch.empty(knobs.size, dtype=dtype)
+
+    # 2) the other blocks' windows, gathered; the same window count shares one causal-tail mask
+    for count, rows in _groups(torch.where(in_place > 0, 0, n_windows), bs * d, knobs.capacity,
+                               min_members=knobs.min_batch):
+        g = len(rows)
+        starts = (kv_base[rows, None] + offsets[rows, :count]).reshape(-1)
+        kg = torch.index_select(k_windows, 0, starts, out=kws[: g * count * bs * d].view(g * count, bs, d))
+        vg = torch.index_select(v_windows, 0, starts, out=vws[: g * count * bs * d].view(g * count, bs, d))
+        qg = torch.index_select(qf, 0, rows, out=qws[: g * bs * d].view(g, bs, d))
+        o, l = attention_lse(qg.view(g, 1, bs, d), kg.view(g, 1, count * bs, d), vg.view(g, 1, count * bs, d),
+                             scale, mask=tail_mask(count))
+        out.index_copy_(0, rows, o.view(g, bs, d))
+        lse.index_copy_(0, rows, l.view(g, bs))
+
+    # 3) the rest (windows before an in-place run, and columns): all before the block, so no causal
+    #    mask; merged with what steps 1-2 gave. First, groups of blocks whose rest is the same keys
+    #    (a-shape's sink, vertical columns between two slashes): one copy of them, two matmuls
+    for rows, tokens in _shared_rests(kv_base, offsets, rest_windows, cols, n_cols, bs, knobs.min_share):
+        kc = kf.index_select(0, kv_base[rows[0]] + tokens)
+        vc = vf.index_select(0, kv_base[rows[0]] + tokens)
+        step = max(1, knobs.size // (bs * max(len(tokens), d)))
+        for c0 in range(0, len(rows), step):
+            _merge_shared_keys(out, lse, qf, rows[c0: c0 + step], kc, vc, scale)
+        rest[rows] = 0
+    #    then the others, gathered per block, padded to a multiple of quantum with a key-padding mask
+    quantum = knobs.quantum
+    for width, rows in _groups((rest + quantum - 1) // quantum * quantum, d, knobs.capacity, floor=bs * d):
+        g = len(rows)
+        tok = _pack_tokens(offsets[rows], rest_windows[rows], cols[rows], n_cols[rows], bs, width)
+        live = tok >= 0
+        idx = (kv_base[rows, None] + tok.clamp(min=0)).reshape(-1)
+        kg = torch.index_select(kf, 0, idx, out=kws[: g * width * d].view(g * width, d))
+        vg = torch.index_select(vf, 0, idx, out=vws[: g * width * d].view(g * width, d))
+        qg = torch.index_select(qf, 0, rows, out=qws[: g * bs * d].view(g, bs, d))
+        mask = None
+        if not bool(live.all()):
+            mask = torch.zeros(g, 1, 1, width, dtype=dtype).masked_fill_(~live[:, None, None], float("-inf"))
+        o, l = attention_lse(qg.view(g, 1, bs, d), kg.view(g, 1, width, d), vg.view(g, 1, width, d), scale,
+                             mask=mask)
+        _merge_into(out, lse, rows, o.view(g, bs, d), l.view(g, bs))
+
+
 def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, scale: float, *,
-                         quantum: int = 64, workspace_mb: float = 4.0, min_batch: int = 16, min_run: int = 4,
-                         min_group: int = 4, long_run: int = 16, min_share: int = 16,
+                         threads: int | None = None, quantum: int = 64, workspace_mb: float = 4.0,
+                         min_batch: int = 16, min_run: int = 4, min_group: int = 4, long_run: int = 16,
+                         min_share: int = 16, parallel_min_keys: int = 800_000,
                          compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """Sparse prefill attention on CPU (see the module docstring).
 
     q: [B, H, N, D]; k, v: [B, Hkv, N, D]; ``index`` from ``vlsparse.kernels.indices``
-    (windows in [0, r0], the diagonal last; columns before the block). ``quantum``: the
+    (windows in [0, r0], the diagonal last; columns before the block). ``threads`` (default:
+    ``torch.get_num_threads()``): when the lists hold at least ``parallel_min_keys`` keys
+    (summed over query blocks: 8 heads at 10% density hold ~0.4M at 8k tokens, ~1M at 12k,
+    ~6.7M at 32k), the query blocks are cut into this many consecutive parts of about equal
+    work, each run in its own thread with one torch thread; below that one sequence of calls
+    uses torch's threads (2 cores: the split was 1.15-1.2x faster at 32k, ~1.1x at 12k, even at
+    10k and 1.1-1.2x slower at 8k). ``quantum``: the
     gathered rest is padded to a multiple of this; ``workspace_mb``: size of each gathered
     K / V buffer (small enough to stay in cache), grown so that blocks with the longest window
     lists still go ``min_batch`` at a time (fewer, larger kernel calls: 1.06x faster at 32k
@@ -232,79 +386,25 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     qf = _padded(q, npad, compute_dtype).view(e_total, bs, d)
     kf = _padded(k, npad, compute_dtype).view(-1, d)
     vf = _padded(v, npad, compute_dtype).view(-1, d)
-    rows_total = kf.shape[0]
-    k_windows = kf.as_strided((rows_total - bs + 1, bs, d), (d, d, 1))
-    v_windows = vf.as_strided((rows_total - bs + 1, bs, d), (d, d, 1))
     elem = torch.arange(e_total)
-    r0 = elem % nqb * bs
-    kv_base = ((elem // (h * nqb)) * hkv + (elem // nqb) % h // group) * npad  # first K row of each block's KV head
-    n_windows = index.block_count.reshape(-1).long()
-    offsets = index.block_offset.reshape(e_total, -1).long()
-    n_cols = index.column_count.reshape(-1).long()
-    cols = index.column_index.reshape(e_total, -1).long()
+    blocks = _Blocks(kv_base=((elem // (h * nqb)) * hkv + (elem // nqb) % h // group) * npad,
+                     r0=elem % nqb * bs, n_windows=index.block_count.reshape(-1).long(),
+                     offsets=index.block_offset.reshape(e_total, -1).long(),
+                     n_cols=index.column_count.reshape(-1).long(), cols=index.column_index.reshape(e_total, -1).long())
     out = torch.empty(e_total, bs, d, dtype=compute_dtype)
     lse = torch.empty(e_total, bs, dtype=torch.float32)
-    tail_mask = _causal_tail_masks(int(n_windows.max()) if e_total else 1, bs, compute_dtype)
+    most_windows = int(blocks.n_windows.max()) if e_total else 1
+    tail_mask = _causal_tail_masks(most_windows, bs, compute_dtype)
 
-    # 1) trailing runs read in place: consecutive blocks' runs are one strided view of K and V
-    in_place = torch.zeros(e_total, dtype=torch.long)
-    runs = _trailing_runs(offsets, n_windows, r0, bs)
-    for e0, e1, run in _segments(runs, nqb, min_run, min_group, long_run, runs == n_windows):
-        first_row = int(kv_base[e0] + r0[e0]) - bs * (run - 1)
-        shape, stride = (e1 - e0, 1, run * bs, d), (bs * d, 0, d, 1)
-        k_run = kf.as_strided(shape, stride, kf.storage_offset() + first_row * d)  # offsets are absolute
-        v_run = vf.as_strided(shape, stride, vf.storage_offset() + first_row * d)
-        o, l = attention_lse(qf[e0:e1].view(e1 - e0, 1, bs, d), k_run, v_run, scale, mask=tail_mask(run))
-        out[e0:e1] = o.view(e1 - e0, bs, d)
-        lse[e0:e1] = l.view(e1 - e0, bs)
-        in_place[e0:e1] = run
-
-    rest_windows = torch.where(in_place > 0, n_windows - in_place, 0)
-    rest = rest_windows * bs + n_cols
-    largest = max(int(n_windows.max()) * bs, int(rest.max()) + quantum, bs) * d
+    largest = max(most_windows * bs, int((blocks.n_windows * bs + blocks.n_cols).max()) + quantum, bs) * d
     capacity = max(int(workspace_mb * 2**20) // item, largest)
-    size = max(capacity, min_batch * int(n_windows.max()) * bs * d)
-    kws = torch.empty(size, dtype=compute_dtype)
-    vws = torch.empty(size, dtype=compute_dtype)
-    qws = torch.empty(size, dtype=compute_dtype)
-
-    # 2) the other blocks' windows, gathered; the same window count shares one causal-tail mask
-    for count, rows in _groups(torch.where(in_place > 0, 0, n_windows), bs * d, capacity, min_members=min_batch):
-        g = len(rows)
-        starts = (kv_base[rows, None] + offsets[rows, :count]).reshape(-1)
-        kg = torch.index_select(k_windows, 0, starts, out=kws[: g * count * bs * d].view(g * count, bs, d))
-        vg = torch.index_select(v_windows, 0, starts, out=vws[: g * count * bs * d].view(g * count, bs, d))
-        qg = torch.index_select(qf, 0, rows, out=qws[: g * bs * d].view(g, bs, d))
-        o, l = attention_lse(qg.view(g, 1, bs, d), kg.view(g, 1, count * bs, d), vg.view(g, 1, count * bs, d),
-                             scale, mask=tail_mask(count))
-        out.index_copy_(0, rows, o.view(g, bs, d))
-        lse.index_copy_(0, rows, l.view(g, bs))
-
-    # 3) the rest (windows before an in-place run, and columns): all before the block, so no causal
-    #    mask; merged with what steps 1-2 gave. First, groups of blocks whose rest is the same keys
-    #    (a-shape's sink, vertical columns between two slashes): one copy of them, two matmuls
-    for rows, tokens in _shared_rests(kv_base, offsets, rest_windows, cols, n_cols, bs, min_share):
-        kc = kf.index_select(0, kv_base[rows[0]] + tokens)
-        vc = vf.index_select(0, kv_base[rows[0]] + tokens)
-        step = max(1, size // (bs * max(len(tokens), d)))
-        for c0 in range(0, len(rows), step):
-            _merge_shared_keys(out, lse, qf, rows[c0: c0 + step], kc, vc, scale)
-        rest[rows] = 0
-    #    then the others, gathered per block, padded to a multiple of quantum with a key-padding mask
-    for width, rows in _groups((rest + quantum - 1) // quantum * quantum, d, capacity, floor=bs * d):
-        g = len(rows)
-        tok = _pack_tokens(offsets[rows], rest_windows[rows], cols[rows], n_cols[rows], bs, width)
-        live = tok >= 0
-        idx = (kv_base[rows, None] + tok.clamp(min=0)).reshape(-1)
-        kg = torch.index_select(kf, 0, idx, out=kws[: g * width * d].view(g * width, d))
-        vg = torch.index_select(vf, 0, idx, out=vws[: g * width * d].view(g * width, d))
-        qg = torch.index_select(qf, 0, rows, out=qws[: g * bs * d].view(g, bs, d))
-        mask = None
-        if not bool(live.all()):
-            mask = torch.zeros(g, 1, 1, width, dtype=compute_dtype).masked_fill_(~live[:, None, None], float("-inf"))
-        o, l = attention_lse(qg.view(g, 1, bs, d), kg.view(g, 1, width, d), vg.view(g, 1, width, d), scale,
-                             mask=mask)
-        _merge_into(out, lse, rows, o.view(g, bs, d), l.view(g, bs))
+    knobs = _Knobs(quantum, min_batch, min_run, min_group, long_run, min_share, capacity,
+                   size=max(capacity, min_batch * most_windows * bs * d))
+    keys = blocks.n_windows * bs + blocks.n_cols
+    parts = torch.get_num_threads() if threads is None else threads
+    ranges = _balanced_ranges(keys + bs, parts if int(keys.sum()) >= parallel_min_keys else 1)
+    _run_in_threads([partial(_attend_blocks, qf[lo:hi], kf, vf, blocks.slice(lo, hi), out[lo:hi], lse[lo:hi], scale,
+                             tail_mask, knobs) for lo, hi in ranges])
     return out.view(b, h, npad, d)[:, :, :n].to(q.dtype)
 
 

@@ -180,6 +180,32 @@ def test_short_runs_are_read_in_place_only_when_they_are_the_whole_list():
 
     run = torch.tensor([2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1])  # one head, 12 query blocks
     whole = torch.tensor([True] * 4 + [False] * 4 + [True] * 4)
-    assert _segments(run, 12, 4, 4, 16) == []  # runs under min_run: gathered
-    assert _segments(run, 12, 4, 4, 16, whole) == [(0, 4, 2), (8, 12, 1)]
-    assert _segments(torch.tensor([3] * 3 + [20]), 4, 4, 4, 16) == [(3, 4, 20)]  # a long run alone
+    head_start = torch.arange(12) == 0
+    assert _segments(run, head_start, 4, 4, 16) == []  # runs under min_run: gathered
+    assert _segments(run, head_start, 4, 4, 16, whole) == [(0, 4, 2), (8, 12, 1)]
+    assert _segments(torch.tensor([3] * 3 + [20]), torch.arange(4) == 0, 4, 4, 16) == [(3, 4, 20)]  # a long run alone
+    # a head boundary ends a range: two heads of 4 blocks with the same run are two ranges
+    assert _segments(torch.full((8,), 5), torch.arange(8) % 4 == 0, 4, 4, 16) == [(0, 4, 5), (4, 8, 5)]
+
+
+def test_balanced_ranges_cut_where_the_work_halves():
+    from vlsparse.kernels.cpu import _balanced_ranges
+
+    assert _balanced_ranges(torch.tensor([1, 1, 1, 1, 4]), 2) == [(0, 4), (4, 5)]  # 4 and 4
+    assert _balanced_ranges(torch.tensor([5, 1, 1, 1, 1, 1]), 2) == [(0, 1), (1, 6)]  # 5 and 5
+    assert _balanced_ranges(torch.ones(9, dtype=torch.long), 3) == [(0, 3), (3, 6), (6, 9)]
+    assert _balanced_ranges(torch.ones(3, dtype=torch.long), 2) == [(0, 3)]  # too few blocks to split
+
+
+def test_cpu_blocks_split_across_threads_give_the_same_result():
+    # every pattern, GQA, a length that is not a multiple of 64; forced split into 3 threads
+    q, k, v = qkv(700, heads=8, kv_heads=2)
+    index = every_pattern_index(q, k)
+    one = sparse_attention_cpu(q, k, v, index, 0.2, threads=1)
+    before = torch.get_num_threads()
+    with torch.inference_mode():  # a mode is thread-local: the threads must inherit it
+        split = sparse_attention_cpu(q, k, v, index, 0.2, threads=3, parallel_min_keys=0)
+    assert torch.get_num_threads() == before
+    err, budget = within_budget(split, q, k, v, index, 0.2)
+    assert err <= budget
+    assert float((split - one).abs().max()) < 1e-6
