@@ -3,8 +3,9 @@
 For each length, pattern and target density, on random q/k/v ([1, heads, N, head_dim],
 fp32), side by side:
 
-- ``dense_ms``: ``F.scaled_dot_product_attention(is_causal=True)`` (measured once per length);
-- ``sparse_ms``: our CPU path (``vlsparse.kernels.cpu.sparse_attention_cpu``) on the lists;
+- ``dense_ms``: ``F.scaled_dot_product_attention(is_causal=True)``;
+- ``sparse_ms``: our CPU path (``vlsparse.kernels.cpu.sparse_attention_cpu``) on the lists,
+  timed in turn with dense (dense, sparse, dense, sparse, ...) so both see the same load;
 - ``flex_ms`` (``flex=True`` only): compiled ``flex_attention`` with the equivalent BlockMask
   (the first call per length compiles for tens of seconds and is not timed);
 - ``lists_ms``: building the lists from the pattern's indices (vertical/slash sets or block
@@ -68,6 +69,23 @@ def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, clock:
         fn()
         times.append(now() - start)
     return statistics.median(times)
+
+
+def paired_median_times(fns: Sequence[Callable[[], Any]], repeats: int = 3, warmup: int = 1,
+                        clock: str = "wall") -> list[float]:
+    """Median time of each of ``fns``, timed in turn (a, b, a, b, ...) after ``warmup`` rounds, so
+    that every one sees the same stretches of a shared machine's load."""
+    now = CLOCKS[clock]
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = now()
+            fn()
+            spent.append(now() - start)
+    return [statistics.median(spent) for spent in times]
 
 
 def synthetic_index(pattern: str, n: int, heads: int, budget: float, generator: torch.Generator,
@@ -156,16 +174,17 @@ def bench_attention(seqs: Sequence[int] = (4096, 8192, 16384, 32768),
         k = torch.randn(1, kv_heads, n, head_dim, generator=gen)
         v = torch.randn(1, kv_heads, n, head_dim, generator=gen)
         scale = 1.0 / math.sqrt(head_dim)
-        say(f"seq {n}: dense causal SDPA")
         gqa = heads != kv_heads
-        dense_s = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                      enable_gqa=gqa), repeats, clock=clock)
+
+        def dense() -> Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         sample = torch.arange(n) if n <= 2048 else torch.randperm(n, generator=gen)[:error_rows].sort().values
         for pattern in patterns:
             for target in densities:
                 say(f"seq {n}: {pattern} at density ~{target:g}")
                 index, density, lists_s = index_at_density(pattern, n, heads, target, seed)
-                sparse_s = median_time(lambda: sparse_attention_cpu(q, k, v, index, scale), repeats, clock=clock)
+                dense_s, sparse_s = paired_median_times([dense, lambda: sparse_attention_cpu(q, k, v, index, scale)],
+                                                        repeats, clock=clock)
                 out = sparse_attention_cpu(q, k, v, index, scale)
                 row: dict[str, Any] = {
                     "seq": n, "pattern": pattern, "target_density": target, "density": round(density, 4),
@@ -200,5 +219,5 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BENCH_PATTERNS", "bench_attention", "format_table", "index_at_density", "median_time", "sampled_error",
-           "synthetic_index"]
+__all__ = ["BENCH_PATTERNS", "bench_attention", "format_table", "index_at_density", "median_time",
+           "paired_median_times", "sampled_error", "synthetic_index"]

@@ -127,6 +127,25 @@ def test_bench_attention_rows_carry_the_measurements():
     assert "vertical_slash" in format_table(rows)
 
 
+def test_paired_times_take_turns_and_give_each_its_median(monkeypatch):
+    from vlsparse.kernels import bench
+
+    clock = {"t": 0.0}
+    order: list[str] = []
+
+    def step(name: str, costs: list[float]):
+        def fn():
+            order.append(name)
+            clock["t"] += costs.pop(0)
+        return fn
+
+    monkeypatch.setitem(bench.CLOCKS, "fake", lambda: clock["t"])
+    a = step("a", [100.0, 1.0, 9.0, 2.0])  # the warm-up (100) is not timed
+    b = step("b", [100.0, 5.0, 4.0, 30.0])
+    assert bench.paired_median_times([a, b], repeats=3, clock="fake") == [2.0, 5.0]
+    assert order == ["a", "b"] * 4
+
+
 @pytest.mark.parametrize("pattern", ["vertical_slash", "block_sparse", "a_shape"])
 def test_bench_lists_are_at_most_the_target_density_and_close_to_it(pattern):
     from vlsparse.kernels.bench import index_at_density
