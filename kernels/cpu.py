@@ -146,11 +146,11 @@ def _trailing_runs(offsets: Tensor, count: Tensor, r0: Tensor, bs: int) -> Tenso
 
 def _segments(run: Tensor, head_start: Tensor, min_run: int, min_group: int, long_run: int,
               whole: Tensor | None = None) -> list[tuple[int, int, int]]:
-    """Maximal ranges [e0, e1) of consecutive query blocks of one (batch, head) (``head_start``: a
-    block opens a new head) sharing a trailing
-    run length R >= min_run (or any R where ``whole``: the run is the block's whole window list, so
-    reading it in place leaves no windows to merge), at least ``min_group`` long (any length if
-    R >= ``long_run``, e.g. a dense last block): [(e0, e1, R), ...]."""
+    """Maximal ranges [e0, e1) of consecutive query blocks of one (batch, head) (``head_start``
+    marks a block that opens a head) sharing a trailing run length R >= min_run (or any R where
+    ``whole``: the run is the block's whole window list, so reading it in place leaves no windows
+    to merge), at least ``min_group`` long (any length if R >= ``long_run``, e.g. a dense last
+    block): [(e0, e1, R), ...]."""
     ok = run >= min_run if whole is None else (run >= min_run) | (whole & (run > 0))
     key = torch.where(ok, run, 0)
     start = head_start | torch.cat([torch.ones(1, dtype=torch.bool), key[1:] != key[:-1]])
