@@ -361,8 +361,8 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     (summed over query blocks: 8 heads at 10% density hold ~0.4M at 8k tokens, ~1M at 12k,
     ~6.7M at 32k), the query blocks are cut into this many consecutive parts of about equal
     work, each run in its own thread with one torch thread; below that one sequence of calls
-    uses torch's threads (2 cores: the split was 1.15-1.2x faster at 32k, ~1.1x at 12k, even at
-    10k and 1.1-1.2x slower at 8k). ``quantum``: the
+    uses torch's threads (``benchmarks/cpu_split.py``, 2 cores: the split was 1.16-1.22x faster
+    at 32k, 1.12-1.14x at 12k and 0.93-1.03x at 8k). ``quantum``: the
     gathered rest is padded to a multiple of this; ``workspace_mb``: size of each gathered
     K / V buffer (small enough to stay in cache), grown so that blocks with the longest window
     lists still go ``min_batch`` at a time (fewer, larger kernel calls: 1.06x faster at 32k
