@@ -266,7 +266,8 @@ def _run_in_threads(tasks: list[Callable[[], None]]) -> None:
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(task,), name="vlsparse-attention") for task in tasks]
+    threads = [threading.Thread(target=run, args=(task,), name="vlsparse-attention", daemon=True)  # Ctrl-C exits
+               for task in tasks]
     try:
         for thread in threads:
             thread.start()
