@@ -154,15 +154,15 @@ def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backen
     profile_obj = load_profile(profile)
     clocks = {"dense": ForwardClock(), "sparse": ForwardClock()}
     runtime = attach(loaded, profile_obj, backend=backend)
-    current = {"clock": clocks["dense"]}
-    handles = [loaded.model.register_forward_pre_hook(lambda *a, **k: current["clock"].pre(*a, **k), with_kwargs=True),
-               loaded.model.register_forward_hook(lambda *a, **k: current["clock"].post(*a, **k), with_kwargs=True)]
+    handles: list = []  # the hooks of the clock of the current mode
     densities: list[float] = []
 
     def mode(name: str):
         def switch() -> None:
             set_enabled(loaded, runtime, name == "sparse")
-            current["clock"] = clocks[name]
+            for handle in handles:
+                handle.remove()
+            handles[:] = clocks[name].attach(loaded.model)
         return switch
 
     def note_density() -> None:
