@@ -397,11 +397,11 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     most_windows = int(blocks.n_windows.max()) if e_total else 1
     tail_mask = _causal_tail_masks(most_windows, bs, compute_dtype)
 
-    largest = max(most_windows * bs, int((blocks.n_windows * bs + blocks.n_cols).max()) + quantum, bs) * d
+    keys = blocks.n_windows * bs + blocks.n_cols  # listed keys per query block
+    largest = max(most_windows * bs, int(keys.max()) + quantum, bs) * d
     capacity = max(int(workspace_mb * 2**20) // item, largest)
     knobs = _Knobs(quantum, min_batch, min_run, min_group, long_run, min_share, capacity,
                    size=max(capacity, min_batch * most_windows * bs * d))
-    keys = blocks.n_windows * bs + blocks.n_cols
     parts = torch.get_num_threads() if threads is None else threads
     ranges = _balanced_ranges(keys + bs, parts if int(keys.sum()) >= parallel_min_keys else 1)
     _run_in_threads([partial(_attend_blocks, qf[lo:hi], kf, vf, blocks.slice(lo, hi), out[lo:hi], lse[lo:hi], scale,
