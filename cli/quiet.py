@@ -9,7 +9,9 @@ from typing import Iterator
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
+    from vlsparse.compat import transformers_logging
+
+    hf_logging = transformers_logging()
 
     bars_were_on = hf_logging.is_progress_bar_enabled()
     verbosity = hf_logging.get_verbosity()

@@ -96,21 +96,13 @@ def build_skeleton(folder, family: str, dtype: torch.dtype = torch.float32) -> n
 def model_key_map(model: nn.Module, checkpoint_keys: list[str]) -> dict[str, str]:
     """Model parameter name -> checkpoint key, by transformers' own load-time renaming
     (e.g. LLaVA's ``language_model.model.layers.0...`` -> ``model.language_model.layers.0...``)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from vlsparse.compat import NeedsConversion, checkpoint_key_map
 
-    conversions = get_model_conversion_mapping(model)
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    meta_state = dict(model.state_dict(keep_vars=True))
-    out: dict[str, str] = {}
-    for key in checkpoint_keys:
-        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
-        if pattern is not None:
-            raise ModelLoadError(f"checkpoint tensor {key} needs a conversion (fusing/splitting) on load",
-                                 "this layout is not supported for streamed pruning")
-        out.setdefault(target, key)
-    return out
+    try:
+        return checkpoint_key_map(model, checkpoint_keys)
+    except NeedsConversion as exc:
+        raise ModelLoadError(f"checkpoint tensor {exc} needs a conversion (fusing/splitting) on load",
+                             "this layout is not supported for streamed pruning") from exc
 
 
 def find_blocks(model: nn.Module, adapter) -> list[Block]:

@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from vlsparse.compat import cache_length, cache_nbytes, cache_of_call, cache_of_output
+
 E2E_CONFIGS = ("dense", "sparse_attention", "core_tokens", "core_neurons", "combined")
 _INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
@@ -59,8 +61,7 @@ class ForwardClock:
     _prefill: bool = False
 
     def pre(self, module, args, kwargs) -> None:
-        past = kwargs.get("past_key_values")
-        self._prefill = not (past is not None and past.get_seq_length() > 0)
+        self._prefill = cache_length(cache_of_call(kwargs)) == 0
         if self._prefill and len(self.prompts) < self.keep_prompts:
             self.prompts.append({k: kwargs[k].clone() for k in _INPUT_KEYS if isinstance(kwargs.get(k), torch.Tensor)})
         self._start = time.perf_counter()
@@ -68,11 +69,9 @@ class ForwardClock:
     def post(self, module, args, kwargs, output) -> None:
         elapsed = time.perf_counter() - self._start
         (self.prefill_s if self._prefill else self.decode_s).append(elapsed)
-        cache = getattr(output, "past_key_values", None)
-        if cache is not None and hasattr(cache, "layers"):
-            self.kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
-                                for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                                if isinstance(t, torch.Tensor))
+        cache = cache_of_output(output)
+        if cache is not None:
+            self.kv_bytes = cache_nbytes(cache)
 
     def attach(self, model) -> list:
         return [model.register_forward_pre_hook(self.pre, with_kwargs=True),

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlsparse.compat import cache_length, cache_of_call
 from vlsparse.compress.core import (core_match_scores, evenly_spaced, select_core_tokens, sentence_core,
                                     token_core_mask)
 from vlsparse.compress.core_calibrate import SCORE_RULES, CoreSettings
@@ -286,9 +287,7 @@ def _survivor_hook(runtime: CoreRuntime):
 
 def _prompt_hook(runtime: CoreRuntime, adapter):
     def hook(module, args, kwargs):
-        past = kwargs.get("past_key_values")
-        seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
-        if seen:
+        if cache_length(cache_of_call(kwargs)):
             runtime.prefill = False
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)

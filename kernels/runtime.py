@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from vlsparse import compat
+from vlsparse.compat import sdpa_attention
 from vlsparse.profile import Profile, check_profile_matches
 
 ATTENTION_NAME = "vlsparse"
@@ -73,9 +75,7 @@ class SparseRuntime:
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 def _is_sparse_prefill(runtime: SparseRuntime, module, query, key, attention_mask) -> bool:
@@ -124,9 +124,7 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
 
 def register_attention() -> None:
     """Register ``"vlsparse"`` in transformers' attention registry (idempotent)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, vlsparse_attention)
+    compat.register_attention(ATTENTION_NAME, vlsparse_attention)
 
 
 def _prefill_hook(runtime: SparseRuntime, adapter):

@@ -215,10 +215,10 @@ def supervision_loss(probe: AttentionProbe, valid: torch.Tensor, targets: torch.
 
 def attention_with_probe(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """SDPA, plus a capture of supervised rows for every armed probe the module carries."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from vlsparse.compat import sdpa_attention
 
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                 **kwargs)
+    out = sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                         **kwargs)
     for probe in getattr(module, "attention_probes", ()):
         if probe.rows is not None:
             probe.capture(query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -227,9 +227,9 @@ def attention_with_probe(module, query, key, value, attention_mask, scaling=None
 
 def install(model, targets: list[HeadTarget]) -> list[tuple[HeadTarget, AttentionProbe]]:
     """Register ``TRAIN_ATTENTION``, switch the language model to it, attach one probe per target."""
-    from transformers import AttentionInterface
+    from vlsparse.compat import register_attention
 
-    AttentionInterface.register(TRAIN_ATTENTION, attention_with_probe)
+    register_attention(TRAIN_ATTENTION, attention_with_probe)
     model.set_attn_implementation(TRAIN_ATTENTION)
     layers = model.model.language_model.layers
     probes = []

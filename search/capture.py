@@ -22,6 +22,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from vlsparse.compat import register_attention, sdpa_attention
+
 CAPTURE_NAME = "vlsparse_capture"
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, float], None]
@@ -55,24 +57,19 @@ def capture_attention(model: nn.Module, modules: Sequence[nn.Module], callback: 
     callback receives the position in that list as the layer index. The model's
     previous attention implementation is restored on exit.
     """
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     index = {id(m): i for i, m in enumerate(modules)}
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         layer = index.get(id(module))
         if layer is not None and query.shape[-2] > 1:
             callback(layer, query, key, _scaling(module, query, kwargs))
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
     previous = _implementations(model.config)
-    AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    register_attention(name, attention)
     try:
         model.set_attn_implementation(name)
         yield
     finally:
         model.set_attn_implementation(previous)
-        AttentionInterface.register(name, sdpa_attention_forward)  # drop the closure (and what it holds)
+        register_attention(name, sdpa_attention)  # drop the closure (and what it holds)

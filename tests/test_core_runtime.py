@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlsparse.compat import cache_layer_keys, cache_length, cache_of_call, cache_of_output
 from vlsparse.compress.core import mlp_activations
 from vlsparse.compress.core_calibrate import CoreSettings
 from vlsparse.kernels.core_runtime import CoreMLP, attach_core, detach_core
@@ -70,8 +71,8 @@ def _oracle_hooks(loaded, after: int, keep: torch.Tensor, prompt_len: int):
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         q = hidden.shape[1]
-        past = kwargs.get("past_key_values")
-        k = past.get_seq_length(0) if past is not None else q  # layer 0 already holds this step's token
+        past = cache_of_call(kwargs)
+        k = cache_length(past, 0) if past is not None else q  # layer 0 already holds this step's token
         q_pos = torch.arange(k - q, k)[:, None]
         k_pos = torch.arange(k)[None, :]
         blocked = torch.nn.functional.pad(dropped, (0, k - prompt_len))[None, :] & (k_pos != q_pos)
@@ -127,8 +128,8 @@ def test_dropped_tokens_survivors_keep_positions_and_shapes(vlm_dirs, key, attn)
         assert torch.equal(short, full.index_select(-2, keep))
     # shorter outputs, and a shorter KV cache after the token layer
     assert out.logits.shape[:2] == (1, len(keep))
-    assert out.past_key_values.layers[0].keys.shape[-2] == n
-    assert out.past_key_values.layers[1].keys.shape[-2] == len(keep)
+    assert cache_layer_keys(cache_of_output(out), 0).shape[-2] == n
+    assert cache_layer_keys(cache_of_output(out), 1).shape[-2] == len(keep)
     ids, logits = _generate(loaded, inputs, n=4)
     detach_core(loaded, runtime)
 

@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from vlsparse.compat import pil_image_processor_class
+
 WORDS = ("what is this color shape circle square red blue green the a of in image picture how many "
          "describe there yes no one two three left right top bottom").split()
 
@@ -39,8 +41,8 @@ def _text_config(vocab_size: int, **extra) -> dict:
 
 def tiny_llava(tmp_path: Path, strategy: str = "default", seed: int = 0) -> Path:
     """LLaVA: CLIP tower (image 16, patch 4 -> 16 patches), Llama LM with GQA 4/2."""
-    from transformers import (CLIPImageProcessorPil, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, CLIPVisionConfig)
+    from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              CLIPVisionConfig)
 
     torch.manual_seed(seed)
     tok = word_tokenizer(["<image>"])
@@ -54,7 +56,7 @@ def tiny_llava(tmp_path: Path, strategy: str = "default", seed: int = 0) -> Path
         vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(cfg).eval()
-    improc = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    improc = pil_image_processor_class("CLIP")(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     processor = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=4,
                                vision_feature_select_strategy=strategy,
                                num_additional_image_tokens=1)
@@ -70,10 +72,8 @@ def _qwen_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _save_qwen(model, tok, out: Path) -> Path:
-    from transformers import Qwen2VLImageProcessorPil
-
-    improc = Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4, merge_size=2,
-                                      temporal_patch_size=2)
+    improc = pil_image_processor_class("Qwen2VL")(min_pixels=16 * 16, max_pixels=64 * 64, patch_size=4,
+                                                  merge_size=2, temporal_patch_size=2)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     improc.save_pretrained(out)

@@ -113,9 +113,11 @@ def build_tokenizer():
 
 def build_processor(tokenizer=None):
     """``LlavaProcessor``: CLIP images (PIL backend, no torchvision) at VISION_SIZE, CLS dropped."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from transformers import LlavaProcessor
 
-    images = CLIPImageProcessorPil(
+    from vlsparse.compat import pil_image_processor_class
+
+    images = pil_image_processor_class("CLIP")(
         size={"shortest_edge": VISION_SIZE},
         crop_size={"height": VISION_SIZE, "width": VISION_SIZE},
         do_center_crop=True,

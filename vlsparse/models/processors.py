@@ -4,28 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlsparse.compat import image_only_qwen2_vl_processor_class, pil_image_processor_class
 from vlsparse.errors import InputError, ModelLoadError
-
-
-def image_only_qwen_processor_class():
-    """A Qwen2-VL processor without the video processor (which needs torchvision).
-
-    ``Qwen2VLProcessor.__init__`` insists on a video processor; this subclass
-    takes only the image processor, tokenizer and chat template and sets the
-    image/video token attributes itself (see FIELD-NOTES.md).
-    """
-    from transformers import Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    return ImageOnlyQwen2VLProcessor
 
 
 def load_processor(folder: Path, family: str, trust_remote_code: bool = False):
@@ -46,16 +26,16 @@ def load_processor(folder: Path, family: str, trust_remote_code: bool = False):
 
 
 def _qwen_processor(folder: Path, trust_remote_code: bool):
-    from transformers import AutoProcessor, AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import AutoProcessor, AutoTokenizer
 
     try:
         return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ImportError:  # the video processor wants torchvision: use the image-only subclass
         pass
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(folder)
+    image_processor = pil_image_processor_class("Qwen2VL").from_pretrained(folder)
     chat_template = getattr(tokenizer, "chat_template", None)
-    return image_only_qwen_processor_class()(image_processor, tokenizer, chat_template=chat_template)
+    return image_only_qwen2_vl_processor_class()(image_processor, tokenizer, chat_template=chat_template)
 
 
 def _tokenizer_of(processor):

@@ -1,0 +1,165 @@
+"""The one module that names transformers' internals.
+
+vlsparse hooks into transformers in a handful of places that are not its
+stable public API (``from_pretrained``, ``generate``, the config and model
+classes). Each such place is one function here, and each function has a test
+in ``tests/test_compat.py`` that fails when a release changes what it relies on.
+Nothing else in the project imports from ``transformers.integrations``,
+``transformers.masking_utils``, ``transformers.cache_utils``,
+``transformers.processing_utils``, ``transformers.core_model_loading`` or
+``transformers.conversion_mapping``, nor reads the cache argument by name.
+
+What moved, and when (checked against the installed sources):
+
+- 5.25 hands the KV cache to a model's forward as ``cache=`` (earlier:
+  ``past_key_values=``), and model outputs carry it as ``.cache``; a caller
+  may still pass the old name, which a decorator renames *inside* the forward,
+  so a forward pre-hook can see either.
+- v5 image processors have a torchvision backend (``XxxImageProcessor``) and a
+  PIL one (``XxxImageProcessorPil``); only the PIL one works without torchvision.
+- ``Qwen2VLProcessor.__init__`` insists on a video processor, which needs
+  torchvision.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+# ----------------------------------------------------------------------------- KV cache
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # newest first
+
+
+def cache_of_call(kwargs: dict) -> Any | None:
+    """The KV cache a model's forward was called with, under either of its names, or None."""
+    for name in CACHE_ARGUMENTS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def cache_of_output(output: Any) -> Any | None:
+    """The KV cache a model's forward returned (``output.cache``, earlier ``output.past_key_values``)."""
+    for name in CACHE_ARGUMENTS:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def cache_length(cache: Any, layer: int = 0) -> int:
+    """Tokens a transformers ``Cache`` already holds in ``layer`` (0 for None or an empty cache)."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return 0
+    return int(cache.get_seq_length(layer))
+
+
+def cache_layer_keys(cache: Any, layer: int):
+    """The key tensor [B, Hkv, T, D] a transformers ``Cache`` holds for ``layer``."""
+    return cache.layers[layer].keys
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes of the key and value tensors a transformers ``Cache`` holds (its ``layers``' ``keys``/``values``)."""
+    import torch
+
+    total = 0
+    for layer in getattr(cache, "layers", None) or ():
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- attention registry
+
+
+def register_attention(name: str, function: Callable) -> None:
+    """Register ``function(module, query, key, value, attention_mask, **kwargs) -> (out [B,N,H,D], weights)``.
+
+    ``query`` is [B, H, N, D]; ``key``/``value`` are [B, Hkv, N, D] (not repeated for GQA).
+    The mask function of the new name is transformers' SDPA mask, so the function
+    receives the same ``attention_mask`` SDPA would (None when causal without padding).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own SDPA attention function, with the registry's signature."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------- processors
+
+
+def pil_image_processor_class(name: str):
+    """The PIL (torchvision-free) image processor class of a family, e.g. ``"CLIP"``, ``"Qwen2VL"``."""
+    import transformers
+
+    return getattr(transformers, f"{name}ImageProcessorPil")
+
+
+def image_only_qwen2_vl_processor_class():
+    """A Qwen2-VL processor without the video processor (which needs torchvision).
+
+    Takes only the image processor, tokenizer and chat template and sets the
+    image/video token attributes ``Qwen2VLProcessor`` would set itself.
+    """
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyQwen2VLProcessor
+
+
+# ----------------------------------------------------------------------------- checkpoint keys
+
+
+class NeedsConversion(Exception):
+    """A checkpoint tensor that transformers fuses or splits on load (not a plain rename)."""
+
+
+def checkpoint_key_map(model, checkpoint_keys: list[str]) -> dict[str, str]:
+    """Model parameter name -> checkpoint key, by transformers' own load-time renaming.
+
+    E.g. LLaVA's ``language_model.model.layers.0...`` -> ``model.language_model.layers.0...``.
+    Raises ``NeedsConversion`` naming the first key that transformers would fuse or split.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta_state = dict(model.state_dict(keep_vars=True))
+    out: dict[str, str] = {}
+    for key in checkpoint_keys:
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if pattern is not None:
+            raise NeedsConversion(key)
+        out.setdefault(target, key)
+    return out
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def transformers_logging():
+    """transformers' logging module (verbosity and progress-bar switches)."""
+    from transformers.utils import logging
+
+    return logging
