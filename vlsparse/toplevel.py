@@ -28,7 +28,10 @@ def hand_over(name: str, init_file: str) -> None:
 
     Called from a folder's ``__init__`` while it is being imported as ``name``: the
     import is redone with the repository root left off ``sys.path``, so the result
-    is whatever the environment has under that name (ModuleNotFoundError if nothing).
+    is whatever the environment has under that name. If it has nothing, our module
+    stays, emptied into what Python makes of a folder without ``__init__.py``: no
+    ``__file__``, no submodules (transformers' availability checks read exactly that
+    as "not installed").
     """
     root = Path(init_file).resolve().parent.parent
     ours = sys.modules.pop(name, None)
@@ -36,9 +39,11 @@ def hand_over(name: str, init_file: str) -> None:
     sys.path[:] = [entry for entry in saved if not _same_dir(entry, root)]
     try:
         importlib.import_module(name)
-    except BaseException:
-        if ours is not None:
-            sys.modules.pop(name, None)
-        raise
+    except ModuleNotFoundError as exc:
+        if exc.name != name or ours is None:
+            raise
+        sys.modules[name] = ours
+        ours.__file__ = None
+        ours.__path__ = []
     finally:
         sys.path[:] = saved
