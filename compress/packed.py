@@ -1,6 +1,6 @@
 """Packed sparse checkpoints (values + bitmask), for disk size only.
 
-Stock loaders decompress every sparse format to dense anyway (METHODS.md §5),
+Stock loaders decompress every sparse format to dense anyway (docs/methods.md, section 6),
 so this format exists to make the *files* smaller: a pruned matrix of
 ``numel`` weights at sparsity ``s`` is stored as its kept values in their own
 dtype (``(1 - s) * numel`` of them) plus one bit per weight, i.e. at 50%

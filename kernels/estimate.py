@@ -1,4 +1,4 @@
-"""Online index estimators (METHODS.md section 1): cheap per-input guesses of where attention goes.
+"""Online index estimators (docs/methods.md, section 1): cheap per-input guesses of where attention goes.
 
 Both are batched over heads and GQA-aware: query head ``h`` reads KV head ``h // group``;
 K and V are never repeated, query heads sharing a KV head are folded into one matmul.
