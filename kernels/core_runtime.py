@@ -70,10 +70,13 @@ class CoreRuntime:
     core_total: dict[int, int] = field(default_factory=dict)
     note: str = ""
 
-    def start_prompt(self, prompt_len: int, image_mask: Tensor | None, note: str = "") -> None:
+    def start_prompt(self, prompt_len: int, image_mask: Tensor | None, note: str = "",
+                     image_total: int | None = None) -> None:
+        """A new prompt: ``image_mask`` marks the image tokens to drop from (None: drop nothing);
+        ``image_total`` counts the prompt's image tokens when no mask is given."""
         self.prefill, self.prompt_len, self.image_mask = True, prompt_len, image_mask
         self.keep, self.token_layer_core, self.note = None, None, note
-        self.image_total = int(image_mask.sum()) if image_mask is not None else 0
+        self.image_total = int(image_mask.sum()) if image_mask is not None else (image_total or 0)
         self.image_kept = self.image_total
         self.core_kept, self.core_total = {}, {}
 
@@ -293,17 +296,18 @@ def _prompt_hook(runtime: CoreRuntime, adapter):
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         length = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else 0
-        image_mask, note = None, ""
-        if runtime.tokens and runtime.settings.token_layer is not None and adapter.is_vlm:
-            if ids is None or ids.shape[0] != 1:
-                note = "tokens not dropped (batch of several prompts, or no input_ids)"
-            else:
-                spans = adapter.image_spans({**kwargs, "input_ids": ids})
+        image_mask, note, image_total = None, "", 0
+        dropping = runtime.tokens and runtime.settings.token_layer is not None
+        if adapter.is_vlm and ids is not None and ids.shape[0] == 1:
+            spans = adapter.image_spans({**kwargs, "input_ids": ids})
+            image_total = sum(span.end - span.start for span in spans)
+            if dropping and image_total:
                 image_mask = torch.zeros(length, dtype=torch.bool)
                 for span in spans:
                     image_mask[span.start:span.end] = True
-                image_mask = image_mask if bool(image_mask.any()) else None
-        runtime.start_prompt(length, image_mask, note)
+        elif dropping and adapter.is_vlm:
+            note = "tokens not dropped (batch of several prompts, or no input_ids)"
+        runtime.start_prompt(length, image_mask, note, image_total=image_total)
         return None
 
     return hook
