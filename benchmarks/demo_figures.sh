@@ -54,7 +54,7 @@ step prune-packed prune --ratio 0.5 --pack --out demo-ecoflap-50-packed --force
 du -sb demo-ecoflap-50 demo-ecoflap-50-packed >sizes.txt  # checkpoint folders on disk, bytes
 
 # 5. core neurons and core tokens, then everything end to end (issue 7)
-step calibrate calibrate                      # adds the core section to ./profiles/demo.yaml
-step calibrate-pruned calibrate --model demo-ecoflap-50  # into the checkpoint's vlsparse.yaml
+step calibrate calibrate --force              # adds the core section to ./profiles/demo.yaml (replaces it)
+step calibrate-pruned calibrate --model demo-ecoflap-50  # -> ./profiles/demo-ecoflap-50.yaml (bench e2e finds it)
 step bench-e2e bench e2e --pruned demo-ecoflap-50 --n 50 --json
 echo "done: $(pwd)" >&2

@@ -22,8 +22,8 @@ seeds), prefill ms, decode tokens/s (a speed pass with a fixed number of new
 tokens on the first prompts), KV-cache size and peak resident-memory growth,
 with speedups against dense. `combined` runs sparse attention, core tokens and
 core neurons on --pruned (a `vlsparse prune --ratio 0.5` checkpoint) when given.
-The profile (--profile, else the model folder's vlsparse.yaml, else
-./profiles/MODEL.yaml) must hold `attention` (from `vlsparse profile`) and
+The profile (--profile, else ./profiles/MODEL.yaml if made for this model, else the
+model folder's vlsparse.yaml) must hold `attention` (from `vlsparse profile`) and
 `core` (from `vlsparse calibrate`); a missing part runs dense and says so.
 
 Examples:

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, ModelOpt,
-                                  QuietOpt, SeedOpt, TrustRemoteCodeOpt, parse_fractions)
+from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelArg,
+                                  ModelOpt, QuietOpt, SeedOpt, TrustRemoteCodeOpt, existing_paths, parse_fractions)
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Calibrate core neurons and core tokens -> the `core` section of a profile (YAML).
@@ -32,10 +32,11 @@ the samples (default: all). With 4 samples that guard passed a token layer that
 cost 28 points of demo accuracy; with the default 16 it refused it.
 
 Calibration data as for `vlsparse profile`: demo scenes (VLMs), pydoc text (LMs),
-or --calib FILE.jsonl. The core section is added to --profile (or the model
-folder's vlsparse.yaml, or ./profiles/MODEL.yaml when one of them exists; other
-sections are kept), written to --out (default: that same file). `vlsparse run`
-then uses it (--no-core turns it off).
+or --calib FILE.jsonl. The core section is added to --profile (or, found by the
+rule `run` uses, ./profiles/MODEL.yaml, else the model folder's vlsparse.yaml;
+other sections are kept), written to --out (default: ./profiles/MODEL.yaml). Nothing is
+written into the model folder; replacing an existing profile, the one read
+included, needs --force. `vlsparse run` then uses it (--no-core turns it off).
 
 Examples:
 
@@ -45,20 +46,6 @@ Examples:
   vlsparse calibrate --model ./llava-1.5-7b-hf --calib calib.jsonl --token-layers 2-8 --score auto
   vlsparse calibrate --model smollm2 --neuron-layers 5-27 --out smollm2-core.yaml
 """
-
-
-def _base_path(profile: Optional[Path], model_folder: Path, model_name: str) -> Optional[Path]:
-    from vlsparse.compress.core_calibrate import default_profile
-    from vlsparse.errors import InputError
-
-    if profile is not None:
-        if not profile.is_file():
-            raise InputError(f"profile {profile} not found", "give an existing profile, or leave out --profile")
-        return profile
-    for candidate in (Path(model_folder) / "vlsparse.yaml", default_profile(model_name)):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def summary_table(core: dict, model_name: str, out: Path) -> Table:
@@ -133,8 +120,9 @@ def calibrate(
     profile: Annotated[Optional[Path], typer.Option(
         "--profile", help="Existing profile to add the core section to.", show_default=False)] = None,
     out: Annotated[Optional[str], typer.Option(
-        "--out", "-o", help="Where to write [default: the profile it adds to, else ./profiles/MODEL.yaml].",
+        "--out", "-o", help="Where to write [default: ./profiles/MODEL.yaml; never inside the model folder].",
         show_default=False)] = None,
+    force: ForceOpt = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
@@ -142,11 +130,12 @@ def calibrate(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    from vlsparse.compress.core_calibrate import (SCORE_RULES, calibrate_core, core_profile, default_profile,
-                                                  parse_layers)
+    from vlsparse.compress.core_calibrate import SCORE_RULES, calibrate_core, core_profile, parse_layers
+    from vlsparse.atomic import check_output
     from vlsparse.errors import InputError
     from vlsparse.models import load
-    from vlsparse.profile import load_profile, save_profile
+    from vlsparse.profile import save_profile
+    from vlsparse.profile_locate import default_profile_path, locate_profile
     from vlsparse.search.calibration import calibration_from
 
     if model_arg and model and model_arg != model:
@@ -155,6 +144,9 @@ def calibrate(
         raise InputError(f"--out {out} should end in .yaml", "e.g. --out profiles/mymodel.yaml")
     if score != "auto" and score not in SCORE_RULES:
         raise InputError(f"unknown --score {score!r}", f"choose one of {', '.join(SCORE_RULES)} or auto")
+    inputs = existing_paths(model_arg, model, calib)
+    if out:
+        check_output(out, force=force, inputs=inputs)
     err = Console(stderr=True)
     show = not (quiet or json_out)
     say = (lambda m: err.print(m, markup=False, highlight=False)) if show else None
@@ -163,25 +155,23 @@ def calibrate(
         loaded = load(model_arg or model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code)
         n_layers = loaded.adapter.num_layers
-        base_path = _base_path(profile, loaded.path, loaded.name)
-        base = load_profile(base_path) if base_path else None
-        if base is not None:
-            from vlsparse.profile import check_profile_matches
-
-            check_profile_matches(base, loaded.adapter.fingerprint(), str(base_path))
+        out_path = Path(out) if out else default_profile_path(loaded.name)
+        check_output(out_path, force=force, inputs=[*inputs, loaded.path])
+        neuron_span = parse_layers(neuron_layers, n_layers, "neuron-layers")
+        token_span = parse_layers(token_layers, n_layers, "token-layers")
+        keep_guards = parse_fractions(max_keep, "max-keep", "0.25,0.5")
+        base_path, base = locate_profile(loaded.path, loaded.name, loaded.adapter.fingerprint(), profile, note=say)
         calibration = calibration_from(loaded, calib, samples=samples, seq_len=seq_len, seed=seed)
         core = calibrate_core(
             loaded, calibration, alpha=alpha, beta=beta, max_error=max_error,
-            neuron_layers=parse_layers(neuron_layers, n_layers, "neuron-layers"),
-            token_layers=parse_layers(token_layers, n_layers, "token-layers"),
+            neuron_layers=neuron_span, token_layers=token_span,
             scores=SCORE_RULES if score == "auto" else (score,), min_keep=min_keep,
-            max_keep=parse_fractions(max_keep, "max-keep", "0.25,0.5"), kl_budget=kl_budget, min_top1=min_top1,
+            max_keep=keep_guards, kl_budget=kl_budget, min_top1=min_top1,
             cats_sparsity=cats_sparsity,
             decode_tokens=decode_tokens, progress=say)
-    out_path = Path(out) if out else (base_path or default_profile(loaded.name))
     if base is not None and base.core is not None and show:
         err.print(f"Note: replacing the core section of {base_path}", markup=False, highlight=False)
-    save_profile(core_profile(loaded, core, base), out_path)
+    save_profile(core_profile(loaded, core, base), out_path, force=force)
     seconds = time.perf_counter() - started
     if json_out:
         typer.echo(json.dumps({"out": str(out_path), "seconds": seconds, "core": core}, indent=2))

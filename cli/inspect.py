@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import AllowPickleOpt, JsonOpt, TrustRemoteCodeOpt
+from vlsparse.cli.options import AllowPickleOpt, ForceOpt, JsonOpt, TrustRemoteCodeOpt
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Print the summary of a profile written by `vlsparse profile`.
@@ -48,6 +48,7 @@ def inspect(
     png: Annotated[Optional[str], typer.Option("--png", help="Redraw the figure to this PNG path.",
                                                show_default=False)] = None,
     heads: Annotated[bool, typer.Option("--heads", help="Also list every head's pattern and budgets.")] = False,
+    force: ForceOpt = False,
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="Check the profile against this model (folder, hub id or `demo`).",
         show_default=False)] = None,
@@ -59,6 +60,14 @@ def inspect(
     from vlsparse.profile import check_profile_matches, load_profile
     from vlsparse.search.report import draw_figure, summary, summary_table
 
+    if png:
+        from vlsparse.atomic import check_output
+        from vlsparse.errors import InputError
+        from vlsparse.profile import sidecar_path
+
+        if Path(png).suffix != ".png":
+            raise InputError(f"--png {png} should end in .png", "e.g. --png heads.png")
+        check_output(png, force=force, inputs=[profile_path, sidecar_path(profile_path)], option="--png")
     profile = load_profile(profile_path)
     if profile.attention is None:
         raise ProfileError(f"profile {profile_path} has no attention section", "run `vlsparse profile` to make one")
@@ -68,7 +77,7 @@ def inspect(
         with quiet_transformers():
             loaded = load(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         check_profile_matches(profile, loaded.adapter.fingerprint(), profile_name=f"profile {profile_path}")
-    figure = draw_figure(profile, Path(png)) if png else None
+    figure = draw_figure(profile, Path(png), force=force) if png else None
     if json_out:
         data = summary(profile)
         if heads:

@@ -34,6 +34,15 @@ TrustRemoteCodeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout; no progress output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs that exist, if vlsparse wrote them "
+                                                        "(never another file or folder, never an input).")]
+
+
+def existing_paths(*candidates) -> list[Path]:
+    """The candidates (strings, paths or None) that name files or folders on disk: a command's inputs."""
+    from pathlib import Path
+
+    return [Path(c) for c in candidates if c and Path(c).exists()]
 
 
 def parse_ints(text: str, option: str, example: str = "4096,8192") -> list[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,8 +11,8 @@ import typer
 from rich.console import Console
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, ModelOpt,
-                                  QuietOpt, SeedOpt, TrustRemoteCodeOpt)
+from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelArg,
+                                  ModelOpt, QuietOpt, SeedOpt, TrustRemoteCodeOpt, existing_paths)
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Find each attention head's sparse pattern and budget -> a profile (YAML) and a figure (PNG).
@@ -49,18 +48,27 @@ Examples:
 """
 
 
-def default_out(model_name: str) -> Path:
-    """``./profiles/<model-name>.yaml`` in the working folder."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", model_name).strip("-.") or "model"
-    return Path("profiles") / f"{safe}.yaml"
-
-
 def _peak_rss_mb() -> float:
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _check_outputs(out: Path, png: str | None, no_png: bool, force: bool, inputs: list) -> None:
+    """The profile, its sidecar and its figure: free (or replaceable with --force), and none of them an input."""
+    from vlsparse.atomic import check_output
+    from vlsparse.errors import InputError
+    from vlsparse.profile import sidecar_path
+
+    check_output(out, force=force, inputs=inputs)
+    check_output(sidecar_path(out), force=force, inputs=inputs)
+    if not no_png:
+        figure = Path(png) if png else out.with_suffix(".png")
+        if figure.resolve() == out.resolve():
+            raise InputError("--png and --out name the same file", "give the figure its own .png path")
+        check_output(figure, force=force, inputs=inputs, option="--png")
 
 
 @friendly_errors
@@ -86,6 +94,7 @@ def profile(
     png: Annotated[Optional[str], typer.Option("--png", help="Figure path [default: the profile's path with .png].",
                                                show_default=False)] = None,
     no_png: Annotated[bool, typer.Option("--no-png", help="Do not draw the figure.")] = False,
+    force: ForceOpt = False,
     threads: Annotated[int, typer.Option("--threads", help="Torch threads while searching [default: 0 = auto: 1 "
                                                            "on a busy machine, else all cores].", min=0)] = 0,
     device: DeviceOpt = "auto",
@@ -98,6 +107,7 @@ def profile(
     from vlsparse.errors import InputError
     from vlsparse.models import load
     from vlsparse.profile import save_profile
+    from vlsparse.profile_locate import default_profile_path
     from vlsparse.search.api import auto_threads, profile_model
     from vlsparse.search.calibration import calibration_from
     from vlsparse.search.report import summary, summary_table
@@ -108,6 +118,11 @@ def profile(
         raise InputError("--png and --no-png both given", "pass one of them")
     if out and Path(out).suffix not in (".yaml", ".yml"):
         raise InputError(f"--out {out} should end in .yaml", "e.g. --out profiles/mymodel.yaml")
+    if png and Path(png).suffix != ".png":
+        raise InputError(f"--png {png} should end in .png", "e.g. --png profiles/mymodel.png")
+    inputs = existing_paths(model_arg, model, calib)
+    if out:  # checked before any work; the default path is checked once the model's name is known
+        _check_outputs(Path(out), png, no_png, force, inputs)
     err = Console(stderr=True)
     show = not (quiet or json_out)
     say = (lambda m: err.print(m, markup=False, highlight=False)) if show else None
@@ -115,12 +130,13 @@ def profile(
     with quiet_transformers():
         loaded = load(model_arg or model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code)
+        out_path = Path(out) if out else default_profile_path(loaded.name)
+        _check_outputs(out_path, png, no_png, force, [*inputs, loaded.path])
         calibration = calibration_from(loaded, calib, samples=samples, seq_len=seq_len, seed=seed)
         result = profile_model(loaded, calibration, recall=recall, threads=threads or auto_threads(), progress=say,
                                tail_recall=tail_recall, dense_tail=dense_tail)
     seconds = time.perf_counter() - started
-    out_path = Path(out) if out else default_out(loaded.name)
-    save_profile(result, out_path)
+    save_profile(result, out_path, force=force)
     figure = None
     if not no_png:
         import importlib.util
@@ -128,7 +144,7 @@ def profile(
         from vlsparse.search.report import draw_figure
 
         if png or importlib.util.find_spec("matplotlib") is not None:
-            figure = draw_figure(result, Path(png) if png else out_path.with_suffix(".png"))
+            figure = draw_figure(result, Path(png) if png else out_path.with_suffix(".png"), force=force)
         elif show:
             err.print("Note: no figure (matplotlib is not installed; pip install 'vlsparse[plot]').")
     if json_out:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import CalibOpt, JsonOpt, ModelArg, ModelOpt, QuietOpt, SeedOpt
+from vlsparse.cli.options import CalibOpt, ForceOpt, JsonOpt, ModelArg, ModelOpt, QuietOpt, SeedOpt
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Prune the Linear weights of both towers and the projector, and write a checkpoint folder.
@@ -89,7 +89,7 @@ def prune(
     draws: Annotated[int, typer.Option("--draws", help="ECoFLaP noise draws per block.")] = 1,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder [default: ./MODEL-ALLOC-PCT].",
                                                show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    force: ForceOpt = False,
     pack: Annotated[bool, typer.Option("--pack", help="Write values + bitmask (smaller; read by vlsparse only).")
                     ] = False,
     profile: Annotated[Optional[str], typer.Option("--profile", help="Attention profile to carry into the "

@@ -51,6 +51,9 @@ def summary_table(answer, model_name: str, attention: str, dense=None) -> Table:
     return table
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
 @friendly_errors
 def run(
     inputs: Annotated[list[str], typer.Argument(help="Image file(s), then the question (the last argument).",
@@ -58,7 +61,8 @@ def run(
     model: ModelOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate.", min=1)] = 16,
     profile: Annotated[Optional[Path], typer.Option(
-        "--profile", help="Sparsity profile (YAML). Default: vlsparse.yaml inside the model folder, if any.",
+        "--profile", help="Sparsity profile (YAML). Default: ./profiles/MODEL.yaml if made for this model, "
+                          "else vlsparse.yaml inside the model folder, if any.",
         show_default=False)] = None,
     dense_only: Annotated[bool, typer.Option("--dense", help="Ignore any profile: dense attention.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense; report prefill speedup.")] = False,
@@ -81,6 +85,9 @@ def run(
     *image_paths, question = inputs
     if not question.strip():
         raise InputError("the question is empty", "pass the question as the last argument, in quotes")
+    if Path(question).suffix.lower() in IMAGE_SUFFIXES and Path(question).is_file():
+        raise InputError(f"the last argument, {question}, is an image file, not a question",
+                         'add the question after the images, in quotes: vlsparse run IMAGE "What color is it?"')
     images = [load_image(Path(p)) for p in image_paths]
     err = Console(stderr=True, quiet=quiet or json_out)
     model_name = model or default_model(err)
@@ -125,30 +132,14 @@ def default_model(err: Console) -> str:
 
 
 def find_profile(loaded, explicit: Path | None, err: Console):
-    """(path, Profile) to use: --profile, else the checkpoint's vlsparse.yaml, else ./profiles/<model>.yaml.
+    """(path, Profile) by the one rule of ``vlsparse.profile_locate``; says which one it took."""
+    from vlsparse.profile_locate import locate_profile
 
-    An explicit profile must match the model (one-line error otherwise); one found
-    in ./profiles for another model is skipped with a note.
-    """
-    from vlsparse.errors import ProfileError
-    from vlsparse.profile import check_profile_matches, load_profile
-
-    if explicit is not None:
-        return explicit, load_profile(explicit)
-    inside = Path(loaded.path) / "vlsparse.yaml"
-    if inside.is_file():
-        return inside, load_profile(inside)
-    nearby = Path.cwd() / "profiles" / f"{loaded.name}.yaml"
-    if nearby.is_file():
-        found = load_profile(nearby)
-        try:
-            check_profile_matches(found, loaded.adapter.fingerprint())
-        except ProfileError:
-            err.print(f"note: {nearby} is for another model; not using it")
-            return None, None
-        err.print(f"using profile {nearby}")
-        return nearby, found
-    return None, None
+    say = lambda message: err.print(message, markup=False, highlight=False)  # noqa: E731
+    path, found = locate_profile(loaded.path, loaded.name, loaded.adapter.fingerprint(), explicit, note=say)
+    if path is not None and explicit is None:
+        say(f"using profile {path}")
+    return path, found
 
 
 def attach_attention(loaded, profile, backend: str):

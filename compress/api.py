@@ -32,6 +32,7 @@ construction); run the sequential Wanda loop; write a plain Hugging Face folder
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -110,8 +111,9 @@ class PruneConfig:
                             ("ecoflap-samples", self.ecoflap_samples)):
             if value < 1:
                 raise InputError(f"--{name} must be at least 1, got {value}")
-        if not self.epsilon > 0:
-            raise InputError(f"--epsilon must be positive, got {self.epsilon}")
+        if not (math.isfinite(self.epsilon) and 0 < self.epsilon <= 1):
+            raise InputError(f"--epsilon must be a finite number in (0, 1], got {self.epsilon}",
+                             "e.g. --epsilon 1e-3 (the ECoFLaP default)")
 
 
 @dataclass
@@ -304,7 +306,8 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     family = family_of(check_model_folder(folder))
     name = "demo" if str(model) == "demo" else folder.name
     out = Path(out) if out is not None else default_out(name, config, cwd)
-    check_output(out, folder, config.force)
+    check_output(out, folder, config.force,
+                 inputs=[p for p in (config.profile, config.calib) if p and Path(p).exists()])
 
     start = time.perf_counter()
     progress(f"Building {name} on the meta device")

@@ -203,23 +203,13 @@ def write_pruned_checkpoint(reader: CheckpointReader, out_dir: Path,
 # ----------------------------------------------------------------------------- output checks
 
 
-def check_output(out: Path, model_dir: Path, force: bool) -> None:
-    """Refuse an output inside (or holding) the input model, an existing one without ``force``,
-    or a folder that cannot be written: all before any work is done."""
-    out_r, model_r = out.resolve(), model_dir.resolve()
-    if out_r == model_r or model_r in out_r.parents:
-        raise InputError(f"the output {out} is inside the input model folder {model_dir}",
-                         "choose an --out outside the model folder; the input is never modified")
-    if out_r in model_r.parents:
-        raise InputError(f"the output {out} contains the input model folder {model_dir}",
-                         "choose an --out that does not hold the model")
-    if out.exists() and not force:
-        raise OutputError(f"{out} already exists", "pass --force to replace it, or choose another --out")
-    parent = out_r.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"no permission to write in {parent}", "choose a folder you can write to with --out")
+def check_output(out: Path, model_dir: Path, force: bool, inputs: Iterable = ()) -> None:
+    """The output rule (``vlsparse.atomic.check_output``) for a checkpoint folder, before any work:
+    never the input model, inside it or holding it; an existing folder only with ``force``
+    and only if vlsparse wrote it."""
+    from vlsparse.atomic import check_output as check
+
+    check(out, force=force, inputs=[model_dir, *inputs])
 
 
 def find_newest_checkpoint(cwd: str | Path = ".") -> Path | None:

@@ -54,7 +54,6 @@ The ``core`` section (YAML; every list item is a mapping with named fields)::
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +164,9 @@ def parse_layers(text: str | None, num_layers: int, what: str) -> list[int] | No
             part = part.strip()
             if "-" in part:
                 a, b = (int(p) for p in part.split("-", 1))
+                if b < a:
+                    raise InputError(f"--{what} {text!r}: the range {part} runs backwards",
+                                     f"write it low to high, e.g. {b}-{a}")
                 out.extend(range(a, b + 1))
             elif part:
                 out.append(int(part))
@@ -387,12 +389,6 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- profile
-
-
-def default_profile(model_name: str) -> Path:
-    """``./profiles/<model-name>.yaml``, the path `vlsparse profile` writes by default."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", model_name).strip("-.") or "model"
-    return Path("profiles") / f"{safe}.yaml"
 
 
 def core_profile(loaded, core: dict[str, Any], base=None):

@@ -8,8 +8,10 @@ Configurations (``E2E_CONFIGS``), all on the same model and prompts:
 - ``core_neurons``: decoding with the prompt's core neurons (``core_runtime``).
 - ``combined``: all three on the pruned checkpoint (``pruned``, e.g. ``vlsparse prune
   --ratio 0.5``; the same model when none is given, which the row's note says), with
-  the attention and core sections of the checkpoint's own ``vlsparse.yaml`` where it
-  has them (calibrated on the pruned weights), else the main profile's.
+  the attention and core sections of the checkpoint's profile (found by the rule of
+  ``vlsparse.profile_locate``: ``./profiles/<checkpoint>.yaml``, which ``vlsparse calibrate
+  --model CHECKPOINT`` writes, else its own ``vlsparse.yaml``) where it has them, else the
+  main profile's.
 
 Per configuration, timed by forward hooks on the model (the first forward of a
 generation, with an empty KV cache, is the prefill; every later one a decode step):
@@ -167,7 +169,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
     from vlsparse.compress.core_calibrate import core_settings as parse_core
     from vlsparse.errors import InputError
     from vlsparse.models import load
-    from vlsparse.profile import check_profile_matches, load_profile
+    from vlsparse.profile_locate import locate_profile
 
     unknown = [c for c in configs if c not in E2E_CONFIGS]
     if unknown:
@@ -175,18 +177,15 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
     say = progress or (lambda message: None)
     evaluate = evaluate or demo_evaluate()
     base = load(model, device=device)
-    profile_path = Path(profile) if profile else _find_profile(base)
-    prof = load_profile(profile_path) if profile_path else None
-    if prof is not None:
-        check_profile_matches(prof, base.adapter.fingerprint(), str(profile_path))
+    _, prof = locate_profile(base.path, base.name, base.adapter.fingerprint(), profile, note=say)
     core = parse_core(prof.core, base.adapter.num_layers) if prof is not None and prof.core else None
     order = ["dense"] + [c for c in E2E_CONFIGS if c in configs and c != "dense"]
     combined_model = load(pruned, device=device) if pruned and "combined" in order else base
     profiles = {config: (prof, core) for config in order}
-    own = Path(combined_model.path) / "vlsparse.yaml" if combined_model is not base else None
-    if own is not None and own.is_file():  # a pruned checkpoint's own profile, where it has the parts
-        pruned_prof = load_profile(own)
-        check_profile_matches(pruned_prof, combined_model.adapter.fingerprint(), str(own))
+    _, pruned_prof = (locate_profile(combined_model.path, combined_model.name,
+                                     combined_model.adapter.fingerprint(), note=say)
+                      if combined_model is not base else (None, None))
+    if pruned_prof is not None:  # the pruned checkpoint's own profile, where it has the parts
         pruned_core = parse_core(pruned_prof.core, combined_model.adapter.num_layers) if pruned_prof.core else None
         profiles["combined"] = (pruned_prof if pruned_prof.attention is not None else prof, pruned_core or core)
     rows: dict[str, dict[str, Any]] = {}
@@ -276,15 +275,6 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _find_profile(loaded) -> Path | None:
-    from vlsparse.compress.core_calibrate import default_profile
-
-    for candidate in (Path(loaded.path) / "vlsparse.yaml", default_profile(loaded.name)):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def _ratio(a, b) -> float | None:

@@ -71,7 +71,7 @@ def main() -> None:
         model, image = fallback_model(workdir)
         model_args = ["--model", model]
         question = "what color is this ?"
-    step("profile", ["profile", *model_args], workdir)
+    step("profile", ["profile", *model_args, "--force"], workdir)  # a rerun replaces its own profile
     step("prune", ["prune", *model_args, "--ratio", "0.5", "--force"], workdir)
     step("run", ["run", *model_args, str(image), question], workdir)
 

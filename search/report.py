@@ -13,7 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vlsparse.atomic import atomic_file
+from vlsparse import __version__
+from vlsparse.atomic import PNG_SOFTWARE, atomic_file
 from vlsparse.errors import OutputError
 from vlsparse.profile import PATTERNS, Profile
 from vlsparse.search.recall import attention_flops, num_blocks
@@ -107,8 +108,11 @@ def _cell_color(pattern: str, density: float) -> tuple[float, float, float]:
     return tuple(1.0 - (1.0 - c) * strength for c in base)
 
 
-def draw_figure(profile: Profile, path: str | Path) -> Path:
-    """PNG of layers x heads, coloured by pattern and shaded by density (needs matplotlib)."""
+def draw_figure(profile: Profile, path: str | Path, force: bool = False) -> Path:
+    """PNG of layers x heads, coloured by pattern and shaded by density (needs matplotlib).
+
+    An existing ``path`` is replaced only with ``force`` and only if vlsparse drew it.
+    """
     try:
         import matplotlib
 
@@ -147,8 +151,8 @@ def draw_figure(profile: Profile, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     try:
-        with atomic_file(path, "wb") as handle:
-            fig.savefig(handle, format="png")
+        with atomic_file(path, "wb", force=force) as handle:
+            fig.savefig(handle, format="png", metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
     finally:
         plt.close(fig)
     return path

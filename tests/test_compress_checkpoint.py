@@ -10,6 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from vlsparse.atomic import MARKER
 from vlsparse.compress.checkpoint import (CheckpointReader, check_output, find_newest_checkpoint,
                                           write_pruned_checkpoint)
 from vlsparse.errors import InputError, OutputError
@@ -71,6 +72,9 @@ def test_check_output_refuses_inside_input_existing_and_holding_input(sharded, t
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputError, match="already exists"):
         check_output(tmp_path / "exists", folder, force=False)
+    with pytest.raises(OutputError, match="did not write"):  # --force replaces only what vlsparse wrote
+        check_output(tmp_path / "exists", folder, force=True)
+    (tmp_path / "exists" / MARKER).write_text("{}")
     check_output(tmp_path / "exists", folder, force=True)
 
 

@@ -192,8 +192,11 @@ def _head_to_dict(index: int, head: HeadProfile) -> dict[str, Any]:
     return d
 
 
-def save_profile(profile: Profile, path: str | Path) -> Path:
-    """Write ``path`` (YAML) and, if the profile has tensors, its sidecar; both atomically."""
+def save_profile(profile: Profile, path: str | Path, force: bool = False) -> Path:
+    """Write ``path`` (YAML) and, if the profile has tensors, its sidecar; both atomically.
+
+    An existing profile is replaced only with ``force`` (the output rule of ``vlsparse.atomic``).
+    """
     path = Path(path)
     text = yaml.safe_dump(profile_to_dict(profile), sort_keys=False, default_flow_style=None, width=100)
     if profile.tensors:
@@ -201,9 +204,9 @@ def save_profile(profile: Profile, path: str | Path) -> Path:
         from safetensors.torch import save
 
         tensors = {k: torch.as_tensor(v).contiguous() for k, v in profile.tensors.items()}
-        with atomic_file(sidecar_path(path), "wb") as handle:
+        with atomic_file(sidecar_path(path), "wb", force=force) as handle:
             handle.write(save(tensors))
-    with atomic_file(path, "w") as handle:
+    with atomic_file(path, "w", force=force) as handle:
         handle.write(text)
     return path
 
