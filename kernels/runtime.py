@@ -63,6 +63,7 @@ class SparseRuntime:
     enabled: bool = True
     spans: list[tuple[int, int]] = field(default_factory=list)
     calls: list[LayerCall] = field(default_factory=list)
+    handles: list = field(default_factory=list, repr=False)
 
     def heads(self, layer: int):
         return self.profile.attention.layers[layer]
@@ -159,7 +160,8 @@ def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512,
     for layer in loaded.adapter.lm_layers():
         setattr(loaded.adapter.attention(layer), RUNTIME_ATTR, runtime)
     loaded.model.set_attn_implementation(ATTENTION_NAME)
-    loaded.model.register_forward_pre_hook(_prefill_hook(runtime, loaded.adapter), with_kwargs=True)
+    runtime.handles.append(loaded.model.register_forward_pre_hook(_prefill_hook(runtime, loaded.adapter),
+                                                                  with_kwargs=True))
     return runtime
 
 
@@ -170,8 +172,16 @@ def set_enabled(loaded, runtime: SparseRuntime, enabled: bool) -> None:
 
 
 def detach(loaded, runtime: SparseRuntime) -> None:
-    """Back to dense attention for this model (the hook stays but the runtime is disabled)."""
+    """Back to dense attention for this model: the runtime is switched off and its hook and
+    per-layer references removed, so attaching again starts clean."""
     set_enabled(loaded, runtime, False)
+    for handle in runtime.handles:
+        handle.remove()
+    runtime.handles.clear()
+    for layer in loaded.adapter.lm_layers():
+        module = loaded.adapter.attention(layer)
+        if getattr(module, RUNTIME_ATTR, None) is runtime:
+            delattr(module, RUNTIME_ATTR)
 
 
 __all__: list[Any] = ["ATTENTION_NAME", "SparseRuntime", "attach", "detach", "register_attention", "set_enabled",

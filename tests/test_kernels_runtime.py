@@ -62,6 +62,19 @@ def test_a_sparse_profile_changes_attention_and_reports_density(llava_dir):
     assert (_logits(loaded, inputs) - dense).abs().max() < 1e-5
 
 
+def test_detach_removes_the_hook_and_attaching_again_starts_clean(llava_dir):
+    loaded = load(llava_dir)
+    inputs = _inputs(loaded, n_images=24)
+    head = HeadProfile("a_shape", {"sink": 0.01, "local": 0.02}, density=0.1)
+    hooks_before = len(loaded.model._forward_pre_hooks)
+    for _ in range(3):
+        runtime = attach(loaded, uniform_profile(loaded.adapter, head), min_len=0)
+        _logits(loaded, inputs)
+        assert len(runtime.calls) == loaded.adapter.num_layers  # one call per layer: one hook, not three
+        detach(loaded, runtime)
+    assert len(loaded.model._forward_pre_hooks) == hooks_before
+
+
 def test_layers_recorded_as_near_dense_run_sdpa(llava_dir):
     loaded = load(llava_dir)
     inputs = _inputs(loaded, n_images=24)

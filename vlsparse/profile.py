@@ -3,6 +3,9 @@
 A ``Profile`` serialises to YAML (read with ``yaml.safe_load`` only) plus an
 optional safetensors sidecar beside it (``NAME.yaml`` -> ``NAME.safetensors``)
 for large arrays (static block masks, core-neuron indices), referenced by name.
+The YAML is written after the sidecar and records its sha256 (``sidecar_sha256``);
+``load_profile`` refuses a sidecar that does not match, and checks every field
+(``vlsparse.profile_checks``) so that a profile that loads runs.
 
 Attention heads are described per **query** head with named budgets:
 
@@ -36,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from vlsparse import profile_checks as checks
 from vlsparse.atomic import atomic_file
 from vlsparse.errors import ProfileError
 
@@ -51,6 +55,7 @@ PATTERN_BUDGETS: dict[str, tuple[str, ...]] = {
     "static": ("select",),
 }
 PATTERNS = tuple(PATTERN_BUDGETS)
+PATTERN_PARAMS: dict[str, tuple[str, ...]] = {pattern: () for pattern in PATTERNS} | {"grid": ("stride", "phase")}
 
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures",
                          "quantization_config", "_attn_implementation", "_attn_implementation_autoset",
@@ -164,7 +169,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
             **({"dense_tail": True} if att.dense_tail else {}),
             "last_q": att.last_q,
             "layers": [
-                {"layer": li, "heads": [_head_to_dict(hi, h) for hi, h in enumerate(heads)]}
+                {"layer": li, "heads": [head_to_dict(hi, h) for hi, h in enumerate(heads)]}
                 for li, heads in enumerate(att.layers)
             ],
         }
@@ -175,7 +180,8 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
     return out
 
 
-def _head_to_dict(index: int, head: HeadProfile) -> dict[str, Any]:
+def head_to_dict(index: int, head: HeadProfile) -> dict[str, Any]:
+    """One head as the YAML lists it (``index`` is its position in the layer)."""
     d: dict[str, Any] = {"head": index, "pattern": head.pattern}
     if head.budget:
         d["budget"] = {k: float(v) for k, v in head.budget.items()}
@@ -192,160 +198,165 @@ def _head_to_dict(index: int, head: HeadProfile) -> dict[str, Any]:
     return d
 
 
-def save_profile(profile: Profile, path: str | Path, force: bool = False) -> Path:
-    """Write ``path`` (YAML) and, if the profile has tensors, its sidecar; both atomically.
+class _NoAliasDumper(yaml.SafeDumper):
+    """``yaml.safe_dump`` that writes a shared value out in full (the loader refuses aliases)."""
 
-    An existing profile is replaced only with ``force`` (the output rule of ``vlsparse.atomic``).
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def save_profile(profile: Profile, path: str | Path, force: bool = False) -> Path:
+    """Write the sidecar (if the profile has tensors), then ``path`` (YAML), each atomically.
+
+    The YAML is written last and records the sidecar's sha256 (``sidecar_sha256``), so a
+    YAML and a sidecar that were not written together are refused on load. An existing
+    profile is replaced only with ``force`` (the output rule of ``vlsparse.atomic``).
     """
     path = Path(path)
-    text = yaml.safe_dump(profile_to_dict(profile), sort_keys=False, default_flow_style=None, width=100)
+    data = profile_to_dict(profile)
+    blob = None
     if profile.tensors:
         import torch
         from safetensors.torch import save
 
-        tensors = {k: torch.as_tensor(v).contiguous() for k, v in profile.tensors.items()}
+        blob = save({k: torch.as_tensor(v).contiguous() for k, v in profile.tensors.items()})
+        data["sidecar_sha256"] = checks.sha256_hex(blob)
+    text = yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None, width=100)
+    if blob is not None:
         with atomic_file(sidecar_path(path), "wb", force=force) as handle:
-            handle.write(save(tensors))
+            handle.write(blob)
     with atomic_file(path, "w", force=force) as handle:
         handle.write(text)
     return path
 
 
 def load_profile(path: str | Path) -> Profile:
-    """Read a profile; every problem becomes a one-line ``ProfileError``."""
+    """Read and validate a profile and its sidecar; every problem becomes a one-line ``ProfileError``.
+
+    The YAML is bounded (size, nesting, no aliases) before it is built; a recorded sidecar
+    hash must match; masks must be valid tile masks (``vlsparse.profile_checks``).
+    """
     path = Path(path)
     if not path.is_file():
         raise ProfileError(f"profile {path} not found", "give the path of a YAML written by `vlsparse profile`")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" (line {line + 1})" if line is not None else ""
-        raise ProfileError(f"profile {path} is not valid YAML{where}", "regenerate it with `vlsparse profile`") from exc
+    data = checks.read_yaml(path)
     try:
         profile = profile_from_dict(data)
+        recorded = checks.recorded_sidecar_hash(data)
     except ProfileError as exc:
-        raise ProfileError(f"profile {path}: {exc.message}", exc.hint or "regenerate it with `vlsparse profile`") from exc
+        raise ProfileError(f"profile {path}: {exc.message}", exc.hint or checks.REGENERATE) from exc
     side = sidecar_path(path)
-    if side.is_file():
-        from safetensors.torch import load_file
-
-        try:
-            profile.tensors = load_file(str(side))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ProfileError(f"profile sidecar {side} is unreadable", "regenerate the profile") from exc
-    missing = [h.mask for heads in (profile.attention.layers if profile.attention else []) for h in heads
-               if h.mask is not None and h.mask not in profile.tensors]
-    if missing:
-        raise ProfileError(f"profile {path} refers to mask {missing[0]!r} missing from {side.name}",
-                           "keep the .safetensors file beside the YAML")
+    profile.tensors = checks.read_sidecar(side, recorded, str(path))
+    try:
+        checks.masks_present(profile.attention.layers if profile.attention else [], profile.tensors, side.name)
+    except ProfileError as exc:
+        raise ProfileError(f"profile {path}: {exc.message}", exc.hint) from exc
     return profile
 
 
-def _require(mapping: Any, key: str, kind: type | tuple, where: str) -> Any:
-    if not isinstance(mapping, dict) or key not in mapping:
-        raise ProfileError(f"missing `{key}` in {where}")
-    value = mapping[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ProfileError(f"`{key}` in {where} should be {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
-
-
 def profile_from_dict(data: Any) -> Profile:
+    """Build a ``Profile`` from YAML data, checking every field it reads (one-line ``ProfileError``)."""
     if not isinstance(data, dict):
-        raise ProfileError("top level is not a mapping")
-    version = _require(data, "version", int, "the profile")
-    if version != PROFILE_VERSION:
-        raise ProfileError(f"version {version} is not supported (this vlsparse reads version {PROFILE_VERSION})",
-                           "regenerate it with this version of `vlsparse profile`")
-    m = _require(data, "model", dict, "the profile")
+        raise ProfileError(f"the top level should be a mapping, got {checks.describe(data)}")
+    version = checks.value_of(data, "version", "the profile")
+    if not isinstance(version, int) or isinstance(version, bool) or version != PROFILE_VERSION:
+        raise ProfileError(f"version {checks.describe(version)} is not supported (this vlsparse reads version "
+                           f"{PROFILE_VERSION})", "regenerate it with this version of `vlsparse profile`")
+    m = checks.sub_mapping(data, "model", "the profile")
     model = ModelFingerprint(
-        architecture=_require(m, "architecture", str, "model"),
-        name=_require(m, "name", str, "model"),
-        num_layers=_require(m, "num_layers", int, "model"),
-        num_heads=_require(m, "num_heads", int, "model"),
-        num_kv_heads=_require(m, "num_kv_heads", int, "model"),
-        head_dim=_require(m, "head_dim", int, "model"),
-        config_sha256=_require(m, "config_sha256", str, "model"),
+        architecture=checks.text(m, "architecture", "model"),
+        name=checks.text(m, "name", "model"),
+        num_layers=checks.integer(m, "num_layers", "model", 1, checks.MAX_COUNT),
+        num_heads=checks.integer(m, "num_heads", "model", 1, checks.MAX_COUNT),
+        num_kv_heads=checks.integer(m, "num_kv_heads", "model", 1, checks.MAX_COUNT),
+        head_dim=checks.integer(m, "head_dim", "model", 1, checks.MAX_COUNT),
+        config_sha256=checks.text(m, "config_sha256", "model"),
     )
     calibration = None
     if data.get("calibration") is not None:
-        c = _require(data, "calibration", dict, "the profile")
+        c = checks.sub_mapping(data, "calibration", "the profile")
         calibration = Calibration(
-            source=_require(c, "source", str, "calibration"),
-            samples=_require(c, "samples", int, "calibration"),
-            seq_len=_require(c, "seq_len", int, "calibration"),
-            seed=_require(c, "seed", int, "calibration"),
+            source=checks.text(c, "source", "calibration"),
+            samples=checks.integer(c, "samples", "calibration"),
+            seq_len=checks.integer(c, "seq_len", "calibration"),
+            seed=checks.integer(c, "seed", "calibration", -(2**63), 2**63 - 1),
         )
     attention = None
     if data.get("attention") is not None:
-        attention = _attention_from_dict(_require(data, "attention", dict, "the profile"), model)
-    pruning = data.get("pruning")
-    core = data.get("core")
-    for key, value in (("pruning", pruning), ("core", core)):
-        if value is not None and not isinstance(value, dict):
-            raise ProfileError(f"`{key}` should be a mapping")
+        attention = _attention_from_dict(checks.sub_mapping(data, "attention", "the profile"), model)
+    pruning = checks.sub_mapping(data, "pruning", "the profile", default=None)
+    core = checks.sub_mapping(data, "core", "the profile", default=None)
+    for name, section in (("pruning", pruning), ("core", core)):
+        if section is not None:
+            checks.plain_data(section, name)
+    if core is not None:
+        from vlsparse.compress.core_calibrate import core_settings
+
+        try:  # what the core runtime will read: refused now, not when it is attached
+            core_settings(core, model.num_layers)
+        except ProfileError as exc:
+            raise ProfileError(exc.message, exc.hint or "recalibrate with `vlsparse calibrate`") from exc
     return Profile(model=model, calibration=calibration, attention=attention, pruning=pruning, core=core,
                    version=version)
 
 
 def _attention_from_dict(a: dict, model: ModelFingerprint) -> AttentionProfile:
-    layers_raw = _require(a, "layers", list, "attention")
+    layers_raw = checks.sequence(a, "layers", "attention")
     if len(layers_raw) != model.num_layers:
         raise ProfileError(f"attention has {len(layers_raw)} layers but the model fingerprint says {model.num_layers}")
     layers: list[list[HeadProfile]] = []
     for li, entry in enumerate(layers_raw):
-        where = f"attention layer {li}"
-        if _require(entry, "layer", int, where) != li:
-            raise ProfileError(f"{where} is listed as layer {entry['layer']}; layers must be in order")
-        heads_raw = _require(entry, "heads", list, where)
+        where = f"attention.layers[{li}]"
+        listed = checks.integer(entry, "layer", where, 0, checks.MAX_INT)
+        if listed != li:
+            raise ProfileError(f"{where} is listed as layer {listed}; layers must be in order")
+        heads_raw = checks.sequence(entry, "heads", where)
         if len(heads_raw) != model.num_heads:
             raise ProfileError(f"{where} has {len(heads_raw)} heads but the model has {model.num_heads}")
-        layers.append([_head_from_dict(h, f"{where} head {hi}") for hi, h in enumerate(heads_raw)])
+        layers.append([_head_from_dict(h, hi, f"{where}.heads[{hi}]") for hi, h in enumerate(heads_raw)])
+    tail = a.get("tail_recall_target")
     return AttentionProfile(
         layers=layers,
-        block_size=int(a.get("block_size", 64)),
-        recall_target=float(a.get("recall_target", 0.95)),
-        last_q=int(a.get("last_q", 64)),
-        tail_recall_target=float(a["tail_recall_target"]) if "tail_recall_target" in a else None,
-        dense_tail=bool(a.get("dense_tail", False)),
+        block_size=checks.block_size(a, "attention"),
+        recall_target=checks.number(a, "recall_target", "attention", default=0.95),
+        last_q=checks.integer(a, "last_q", "attention", 1, checks.MAX_LAST_Q, default=64),
+        tail_recall_target=None if tail is None else checks.number(a, "tail_recall_target", "attention"),
+        dense_tail=checks.flag(a, "dense_tail", "attention", False),
     )
 
 
-def _head_from_dict(h: dict, where: str) -> HeadProfile:
-    pattern = _require(h, "pattern", str, where)
+def _head_from_dict(h: Any, index: int, where: str) -> HeadProfile:
+    listed = checks.integer(h, "head", where, 0, checks.MAX_INT, default=index)
+    if listed != index:
+        raise ProfileError(f"{where} is listed as head {listed}; heads must be in order")
+    pattern = checks.text(h, "pattern", where)
     if pattern not in PATTERN_BUDGETS:
-        raise ProfileError(f"{where} has unknown pattern {pattern!r} (known: {', '.join(PATTERNS)})")
-    budget = h.get("budget", {}) or {}
-    if not isinstance(budget, dict):
-        raise ProfileError(f"`budget` in {where} should be a mapping")
-    unknown = set(budget) - set(PATTERN_BUDGETS[pattern])
-    if unknown:
-        raise ProfileError(f"{where}: budget {sorted(unknown)} does not apply to pattern {pattern}")
-    for key, value in budget.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
-            raise ProfileError(f"{where}: budget `{key}` must be a fraction in [0, 1], got {value!r}")
-    params = h.get("params", {}) or {}
-    budget_abs = h.get("budget_abs", {}) or {}
-    for name, mapping in (("params", params), ("budget_abs", budget_abs)):
-        if not isinstance(mapping, dict) or any(not isinstance(v, int) or isinstance(v, bool) for v in mapping.values()):
-            raise ProfileError(f"`{name}` in {where} should map names to integers")
+        raise ProfileError(f"{where} has unknown pattern {checks.describe(pattern)} (known: {', '.join(PATTERNS)})")
+    names = PATTERN_BUDGETS[pattern]
+    budget = checks.sub_mapping(h, "budget", where, default={})
+    checks.named_values(budget, names, "budget", where, pattern)
+    budget_abs = checks.sub_mapping(h, "budget_abs", where, default={})
+    checks.named_values(budget_abs, names, "budget_abs", where, pattern)
+    params = checks.sub_mapping(h, "params", where, default={})
+    checks.named_values(params, PATTERN_PARAMS[pattern], "params", where, pattern)
     if pattern == "grid" and "stride" not in params:
         raise ProfileError(f"{where}: grid pattern needs params.stride")
-    if pattern == "static" and not h.get("mask"):
-        raise ProfileError(f"{where}: static pattern needs `mask` (a sidecar tensor name)")
+    mask = checks.value_of(h, "mask", where, default=None)
+    if pattern == "static" and not (isinstance(mask, str) and mask):
+        raise ProfileError(f"{where}: static pattern needs `mask` (a sidecar tensor name), got {checks.describe(mask)}")
+    if pattern != "static" and mask is not None:
+        raise ProfileError(f"{where}: `mask` applies only to static heads, not {pattern}")
+    fraction = "a fraction in [0, 1]"
     return HeadProfile(
         pattern=pattern,
-        budget={k: float(v) for k, v in budget.items()},
-        budget_abs=dict(budget_abs),
-        params=dict(params),
-        recall_min=float(h.get("recall_min", 1.0)),
-        recall_mean=float(h.get("recall_mean", 1.0)),
-        tail_recall_min=float(h.get("tail_recall_min", 1.0)),
-        density=float(h.get("density", 1.0)),
-        mask=h.get("mask"),
+        budget={k: checks.number(budget, k, f"{where}.budget", what=fraction) for k in budget},
+        budget_abs={k: checks.integer(budget_abs, k, f"{where}.budget_abs") for k in budget_abs},
+        params={k: checks.integer(params, k, f"{where}.params", 1 if k == "stride" else 0) for k in params},
+        recall_min=checks.number(h, "recall_min", where, default=1.0),
+        recall_mean=checks.number(h, "recall_mean", where, default=1.0),
+        tail_recall_min=checks.number(h, "tail_recall_min", where, default=1.0),
+        density=checks.number(h, "density", where, default=1.0),
+        mask=mask,
     )
 
 
