@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -40,8 +41,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs that ex
 
 def existing_paths(*candidates) -> list[Path]:
     """The candidates (strings, paths or None) that name files or folders on disk: a command's inputs."""
-    from pathlib import Path
-
     return [Path(c) for c in candidates if c and Path(c).exists()]
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from vlsparse.compress import allocation as alloc
-from vlsparse.compress.calibration import build_calibration, take_samples
+from vlsparse.compress.calibration import TEXT_BATCH, build_calibration, take_samples
 from vlsparse.compress.checkpoint import (PROFILE_NAME, CheckpointReader, check_output, copy_side_files, dir_size,
                                           write_pruned_checkpoint)
 from vlsparse.compress.ecoflap import zeroth_order_scores
@@ -295,7 +295,8 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     """Prune ``model`` (``demo``, a folder or a hub id) into ``out``; the input is never modified."""
     from vlsparse.models.adapter import Adapter, family_of
     from vlsparse.models.processors import load_processor
-    from vlsparse.models.source import check_model_folder, resolve_model_folder
+    from vlsparse.memory import check_prune_fits
+    from vlsparse.models.source import check_model_folder, resolve_model_folder, resolved_config
 
     config = config or PruneConfig()
     config.validate()
@@ -304,6 +305,8 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     nm = parse_structure(config.structure)
     folder = resolve_model_folder(model)
     family = family_of(check_model_folder(folder))
+    text_tokens = config.seq_len if family == "causal_lm" else 0  # VLM prompts are used as they are
+    check_prune_fits(resolved_config(folder), config.samples, text_tokens, TEXT_BATCH)
     name = "demo" if str(model) == "demo" else folder.name
     out = Path(out) if out is not None else default_out(name, config, cwd)
     check_output(out, folder, config.force,

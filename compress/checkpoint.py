@@ -17,16 +17,16 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vlsparse.errors import InputError, ModelLoadError, OutputError
+from vlsparse.errors import ModelLoadError
+from vlsparse.safetensors_header import TensorEntry, tensor_entries
+from vlsparse.safetensors_header import read_header_with_length as read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 PROFILE_NAME = "vlsparse.yaml"
@@ -41,36 +41,10 @@ TORCH_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor sits: its shard file, dtype name, shape and byte range in the data section."""
+class TensorInfo(TensorEntry):
+    """Where one tensor sits: a checked header entry (dtype, shape, byte range) and its shard file."""
 
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def read_header(path: Path) -> tuple[int, dict]:
-    """(header byte length, parsed JSON header) of a safetensors file."""
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ModelLoadError(f"{path} is not a safetensors file (too short)", "re-save the model")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 << 20:
-            raise ModelLoadError(f"{path} has an implausible safetensors header", "re-save the model")
-        try:
-            return length, json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{path} has a corrupt safetensors header", "re-save the model") from exc
+    file: str = ""
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -96,11 +70,8 @@ class CheckpointReader:
         for name in self.files:
             length, header = read_header(self.folder / name)
             self.header_lengths[name] = length
-            for key, meta in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = meta["data_offsets"]
-                self.infos[key] = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), begin, end)
+            for key, entry in tensor_entries(self.folder / name, header).items():
+                self.infos[key] = TensorInfo(entry.dtype, entry.shape, entry.begin, entry.end, file=name)
 
     def keys(self) -> list[str]:
         return list(self.infos)

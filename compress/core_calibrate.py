@@ -56,12 +56,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlsparse.errors import InputError, ProfileError
+from vlsparse.profile_checks import describe
 
 CORE_VERSION = 1
 SCORE_RULES = ("text", "all", "last")
@@ -88,15 +88,15 @@ class CoreSettings:
 def _fraction(mapping: dict, key: str, where: str, default: float, low_open: bool = True) -> float:
     value = mapping.get(key, default)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ProfileError(f"`{key}` in {where} should be a number, got {value!r}")
+        raise ProfileError(f"`{key}` in {where} should be a number, got {describe(value)}")
     if not (0.0 < float(value) <= 1.0 if low_open else 0.0 <= float(value) <= 1.0):
-        raise ProfileError(f"`{key}` in {where} must lie in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+        raise ProfileError(f"`{key}` in {where} must lie in {'(0, 1]' if low_open else '[0, 1]'}, got {describe(value)}")
     return float(value)
 
 
 def _layer(value: Any, where: str, num_layers: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < num_layers:
-        raise ProfileError(f"{where} should be a layer index in 0..{num_layers - 1}, got {value!r}")
+        raise ProfileError(f"{where} should be a layer index in 0..{num_layers - 1}, got {describe(value)}")
     return value
 
 
@@ -105,8 +105,8 @@ def core_settings(core: dict[str, Any], num_layers: int) -> CoreSettings:
     if not isinstance(core, dict):
         raise ProfileError("`core` should be a mapping")
     version = core.get("version", CORE_VERSION)
-    if version != CORE_VERSION:
-        raise ProfileError(f"core version {version!r} is not supported (this vlsparse reads {CORE_VERSION})",
+    if not isinstance(version, int) or isinstance(version, bool) or version != CORE_VERSION:
+        raise ProfileError(f"core version {describe(version)} is not supported (this vlsparse reads {CORE_VERSION})",
                            "recalibrate with `vlsparse calibrate`")
     neurons = core.get("neurons") or {}
     tokens = core.get("tokens") or {}
@@ -127,23 +127,26 @@ def core_settings(core: dict[str, Any], num_layers: int) -> CoreSettings:
     if token_layer is not None:
         token_layer = _layer(token_layer, "core.tokens.layer", num_layers)
     score = tokens.get("score", "text")
-    if score not in SCORE_RULES:
-        raise ProfileError(f"core.tokens.score {score!r} is unknown (known: {', '.join(SCORE_RULES)})")
+    if not isinstance(score, str) or score not in SCORE_RULES:
+        raise ProfileError(f"core.tokens.score {describe(score)} is unknown (known: {', '.join(SCORE_RULES)})")
     min_keep = _fraction(tokens, "min_keep", "core.tokens", 0.1, low_open=False)
     max_keep = _fraction(tokens, "max_keep", "core.tokens", 0.5)
     if min_keep > max_keep:
         raise ProfileError(f"core.tokens: min_keep {min_keep} is above max_keep {max_keep}")
     sample_tokens = neurons.get("sample_tokens", 1024)
-    if not isinstance(sample_tokens, int) or isinstance(sample_tokens, bool) or sample_tokens < 0:
-        raise ProfileError(f"core.neurons.sample_tokens should be an integer >= 0, got {sample_tokens!r}")
+    if not isinstance(sample_tokens, int) or isinstance(sample_tokens, bool) or not 0 <= sample_tokens <= 2**31 - 1:
+        raise ProfileError(f"core.neurons.sample_tokens should be an integer >= 0, got {describe(sample_tokens)}")
     thresholds: dict[int, float] = {}
-    for i, entry in enumerate(core.get("layers") or []):
+    rows = core.get("layers") or []
+    if not isinstance(rows, list):
+        raise ProfileError(f"`core.layers` should be a list of mappings, got {type(rows).__name__}")
+    for i, entry in enumerate(rows):
         if not isinstance(entry, dict) or "layer" not in entry:
             raise ProfileError(f"core.layers item {i} should be a mapping with `layer`")
         index = _layer(entry["layer"], f"core.layers item {i}: layer", num_layers)
         value = entry.get("threshold", 0.0)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise ProfileError(f"core.layers layer {index}: threshold should be a number >= 0, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise ProfileError(f"core.layers layer {index}: threshold should be a number >= 0, got {describe(value)}")
         thresholds[index] = float(value)
     return CoreSettings(alpha=_fraction(neurons, "alpha", "core.neurons", 0.2),
                         beta=_fraction(neurons, "beta", "core.neurons", 0.4), neuron_layers=neuron_layers,
@@ -254,6 +257,7 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
     from vlsparse.compress.core import (evenly_spaced, histogram_quantile, log_bin_edges, magnitude_histogram,
                                         mlp_activations, next_token_kl, sentence_core, sliced_output_error,
                                         token_core_mask)
+    from vlsparse.memory import calibration_tokens, check_sequence_fits
     from vlsparse.search.calibration import prepare_sample
 
     max_keep = sorted(set(max_keep))
@@ -270,6 +274,7 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
                          f"choose from {', '.join(SCORE_RULES)}")
     if neuron_layers and sorted(neuron_layers) != list(range(min(neuron_layers), max(neuron_layers) + 1)):
         raise InputError(f"--neuron-layers {neuron_layers} are not consecutive", "give a range such as 2-9")
+    check_sequence_fits(loaded, calibration_tokens(calibration) + decode_tokens + 1, kv_cache=True)
     say = progress or (lambda message: None)
     n_layers = loaded.adapter.num_layers
     samples = calibration.samples

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from vlsparse.errors import ModelLoadError
+from vlsparse.safetensors_header import read_header
 
 PACKED_INDEX = "packed_index.json"
 PACKED_FORMAT = "vlsparse-packed"
@@ -155,6 +156,7 @@ def unpack_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
         by_file.setdefault(entry["file"], []).append(key)
     out: dict[str, torch.Tensor] = {}
     for file, keys in sorted(by_file.items()):
+        read_header(folder / file)  # a damaged shard is one line naming what is wrong, before it is read
         try:
             stored = load_file(str(folder / file))
         except Exception as exc:  # safetensors raises its own error types

@@ -47,6 +47,7 @@ from vlsparse.kernels.indices import (
     num_blocks,
     vertical_slash_index,
 )
+from vlsparse.memory import check_fits
 
 BENCH_PATTERNS = ("vertical_slash", "block_sparse", "a_shape")
 
@@ -154,6 +155,20 @@ def sampled_error(q: Tensor, k: Tensor, v: Tensor, out: Tensor, index: SparseInd
     return float((out[:, :, rows].float() - ref).abs().max())
 
 
+def bench_bytes(n: int, heads: int, kv_heads: int, head_dim: int, patterns: Sequence[str],
+                densities: Sequence[float], error_rows: int = 256, block_size: int = 64) -> int:
+    """Estimated peak memory of one length ``n``: q/k/v and the dense and sparse outputs (fp32); the
+    lists (up to NQB windows and ``density x N`` columns per query block, x2 while built); block_sparse's
+    random block scores with their two argsorts (25 bytes per block pair); the error check's scores,
+    probabilities and masks over the sampled rows (14 bytes per row and key)."""
+    nqb = -(-n // block_size)
+    tensors = 4 * head_dim * n * (4 * heads + 2 * kv_heads)
+    lists = 2 * 4 * heads * nqb * (nqb + math.ceil(max(densities, default=1.0) * n))
+    scores = 25 * heads * nqb * nqb if "block_sparse" in patterns else 0
+    rows = n if n <= 2048 else min(error_rows, n)
+    return tensors + lists + scores + 14 * heads * rows * n
+
+
 def bench_attention(seqs: Sequence[int] = (4096, 8192, 16384, 32768),
                     patterns: Sequence[str] = BENCH_PATTERNS, densities: Sequence[float] = (0.05, 0.1, 0.25), *,
                     heads: int = 8, kv_heads: int | None = None, head_dim: int = 64, repeats: int = 3,
@@ -161,6 +176,10 @@ def bench_attention(seqs: Sequence[int] = (4096, 8192, 16384, 32768),
                     progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measure every (length, pattern, density); one dict per row (keys in the module docstring)."""
     kv_heads = heads if kv_heads is None else kv_heads
+    longest = max(seqs, default=0)  # the estimate grows with N: the longest decides, before any tensor exists
+    check_fits(bench_bytes(longest, heads, kv_heads, head_dim, patterns, densities, error_rows),
+               f"bench attention at --seq {longest:,} ({heads} heads of {head_dim})",
+               "use shorter --seq lengths, or fewer --heads")
     say = progress or (lambda _msg: None)
     rows_out: list[dict[str, Any]] = []
     compiled = None
@@ -219,5 +238,5 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BENCH_PATTERNS", "bench_attention", "format_table", "index_at_density", "median_time",
+__all__ = ["BENCH_PATTERNS", "bench_attention", "bench_bytes", "format_table", "index_at_density", "median_time",
            "paired_median_times", "sampled_error", "synthetic_index"]

@@ -174,6 +174,11 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
     unknown = [c for c in configs if c not in E2E_CONFIGS]
     if unknown:
         raise InputError(f"unknown configuration {unknown[0]!r}", f"choose from {', '.join(E2E_CONFIGS)}")
+    if evaluate is None:  # the demo evaluator's tasks; a caller's own evaluator judges its own
+        from vlsparse.demo.scenes import TASKS
+
+        if task not in TASKS:
+            raise InputError(f"unknown task {task!r}", f"choose from {', '.join(TASKS)}")
     say = progress or (lambda message: None)
     evaluate = evaluate or demo_evaluate()
     base = load(model, device=device)

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from vlsparse.errors import InputError
+from vlsparse.memory import calibration_tokens, check_sequence_fits
 from vlsparse.profile import AttentionProfile, Calibration, Profile
 from vlsparse.search.calibration import CalibrationSet, prepare_sample
 from vlsparse.search.candidates import LAST_Q, SearchSpace, catalogue
@@ -112,6 +113,7 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
     tail_recall = recall if tail_recall is None else tail_recall
     if not 0.0 <= tail_recall <= 1.0:
         raise InputError(f"--tail-recall must be in [0, 1], got {tail_recall}", "pass e.g. --tail-recall 0.95")
+    check_sequence_fits(loaded, calibration_tokens(calibration))
     with torch_threads(threads):
         chosen, masks, n_cal, used = _search(loaded, calibration, recall, space, tie_density, min_gain,
                                              max_elements, progress or (lambda _msg: None), tail_recall,

@@ -157,6 +157,9 @@ def calibration_from(loaded, calib: str | Path | None = None, samples: int = 4, 
         raise InputError(f"--samples must be at least 1, got {samples}", "pass --samples 1 or more")
     if seq_len < 128:
         raise InputError(f"--seq-len must be at least 128 tokens, got {seq_len}", "pass e.g. --seq-len 4096")
+    from vlsparse.memory import check_sequence_fits
+
+    check_sequence_fits(loaded, seq_len)
     if calib is None:
         if loaded.adapter.is_vlm:
             return demo_calibration(loaded, samples, seq_len, seed)

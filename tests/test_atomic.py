@@ -34,7 +34,7 @@ def test_atomic_file_leaves_old_content_when_writing_fails(tmp_path):
 def test_atomic_file_reports_a_full_disk_as_output_error(tmp_path):
     target = tmp_path / "out.txt"
     with pytest.raises(OutputError, match="no space left"):
-        with atomic_file(target) as handle:
+        with atomic_file(target):
             raise OSError(errno.ENOSPC, "No space left on device")
     assert not target.exists() and list(tmp_path.iterdir()) == []
 

@@ -7,7 +7,6 @@ forwards. Families: ``llava`` (LLaVA 1.5 / NeXT / OneVision), ``qwen2_vl``,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from vlsparse.errors import InputError, ModelLoadError
+from vlsparse.memory import LOAD_MARGIN, LOAD_OVERHEAD, check_fits, parameter_count
 from vlsparse.models.adapter import Adapter, family_of
 from vlsparse.models.processors import load_processor, prepare_inputs
-from vlsparse.models.source import check_model_folder, resolve_model_folder
+from vlsparse.models.source import check_model_folder, check_weight_files, resolve_model_folder, resolved_config
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -60,9 +64,11 @@ def model_class(family: str):
 
 
 def _from_pretrained(cls, folder: Path, kwargs: dict):
-    """Stock ``from_pretrained``; a ``vlsparse prune --pack`` folder is unpacked by our own reader first."""
+    """(model, loading info) by stock ``from_pretrained``; a ``vlsparse prune --pack`` folder is unpacked
+    by our own reader first."""
     from vlsparse.compress.packed import is_packed, unpack_state_dict
 
+    kwargs = {**kwargs, "output_loading_info": True}
     if not is_packed(folder):
         return cls.from_pretrained(folder, **kwargs)
     from transformers import AutoConfig
@@ -73,25 +79,70 @@ def _from_pretrained(cls, folder: Path, kwargs: dict):
     return concrete.from_pretrained(None, config=config, state_dict=unpack_state_dict(folder), **kwargs)
 
 
+def check_weights_fit(folder: Path, name: str, config: dict, tensors: dict, dtype: torch.dtype) -> None:
+    """Refuse a model whose weights (as ``dtype``) would not fit in the available memory, before building it.
+
+    Parameters: the larger of the config's count (what transformers builds, defaults included)
+    and the checkpoint's tensors; a packed checkpoint is held twice (unpacked state dict + model).
+    """
+    from vlsparse.compress.packed import is_packed
+
+    parameters = max(parameter_count(config), sum(t.numel for t in tensors.values()))
+    copies = 2 if is_packed(folder) else 1
+    need = int(parameters * dtype.itemsize * copies * LOAD_MARGIN) + LOAD_OVERHEAD
+    count = f"{parameters / 1e9:.1f} billion" if parameters >= 1e9 else f"{parameters / 1e6:.1f} million"
+    hint = "use a smaller model or a machine with more memory"
+    if dtype.itemsize > 2:
+        hint = "use --dtype bfloat16 (half the memory), a smaller model, or a machine with more memory"
+    check_fits(need, f"loading {name} ({count} parameters as {str(dtype).removeprefix('torch.')})", hint,
+               error=ModelLoadError)
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def check_missing_weights(folder: Path, info: dict) -> None:
+    """Refuse a model some of whose parameters the checkpoint lacks (transformers would initialise them randomly)."""
+    missing = sorted(info.get("missing_keys") or (), key=_natural)
+    if missing:
+        raise ModelLoadError(f"the checkpoint in {folder} lacks {len(missing)} of the weights its config.json "
+                             f"describes (first: {missing[0]}), which transformers would fill with random values",
+                             "use the config.json saved with these weights, or re-save the model completely")
+
+
 def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", allow_pickle: bool = False,
          trust_remote_code: bool = False, attn_implementation: str | None = None) -> LoadedModel:
-    """Load a supported model for inference; every user error is a one-line ``VlsparseError``."""
+    """Load a supported model for inference; every user error is a one-line ``VlsparseError``.
+
+    Checked before anything is built: config.json (types, sub-configs), every safetensors
+    header, and that the weights fit in memory; right after loading: that the checkpoint
+    held every weight the model needs.
+    """
     folder = resolve_model_folder(model)
     config = check_model_folder(folder, allow_pickle=allow_pickle)
     family = family_of(config)
+    tensors = check_weight_files(folder)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    name = "demo" if str(model) == "demo" else folder.name
+    check_weights_fit(folder, name, resolved_config(folder, trust_remote_code), tensors, torch_dtype)
     processor = load_processor(folder, family, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "use_safetensors": not allow_pickle or None}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        net = _from_pretrained(model_class(family), folder, kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        net, info = _from_pretrained(model_class(family), folder, kwargs)
+    except pickle.UnpicklingError as exc:
+        raise ModelLoadError(f"the pickle weights in {folder} hold objects other than tensors, which safe "
+                             "(weights-only) loading refuses",
+                             "convert them to safetensors where you trust the file, or use a safetensors "
+                             "download of the model") from exc
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError, SafetensorError) as exc:
         raise ModelLoadError(f"cannot load the weights in {folder}: {str(exc).splitlines()[0][:200]}",
                              "check that the folder was saved completely with save_pretrained") from exc
+    check_missing_weights(folder, info)
     net = net.to(torch_device).eval()
-    name = "demo" if str(model) == "demo" else folder.name
     return LoadedModel(model=net, processor=processor, adapter=Adapter(net, family, name=name), name=name,
                        path=folder, device=torch_device, dtype=torch_dtype)
