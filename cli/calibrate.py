@@ -135,7 +135,7 @@ def calibrate(
     from vlsparse.errors import InputError
     from vlsparse.models import load
     from vlsparse.profile import save_profile
-    from vlsparse.profile_locate import default_profile_path, locate_profile
+    from vlsparse.profile.locate import default_profile_path, locate_profile
     from vlsparse.search.calibration import calibration_from
 
     if model_arg and model and model_arg != model:

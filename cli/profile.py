@@ -107,7 +107,7 @@ def profile(
     from vlsparse.errors import InputError
     from vlsparse.models import load
     from vlsparse.profile import save_profile
-    from vlsparse.profile_locate import default_profile_path
+    from vlsparse.profile.locate import default_profile_path
     from vlsparse.search.api import auto_threads, profile_model
     from vlsparse.search.calibration import calibration_from
     from vlsparse.search.report import summary, summary_table

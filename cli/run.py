@@ -132,8 +132,8 @@ def default_model(err: Console) -> str:
 
 
 def find_profile(loaded, explicit: Path | None, err: Console):
-    """(path, Profile) by the one rule of ``vlsparse.profile_locate``; says which one it took."""
-    from vlsparse.profile_locate import locate_profile
+    """(path, Profile) by the one rule of ``vlsparse.profile.locate``; says which one it took."""
+    from vlsparse.profile.locate import locate_profile
 
     say = lambda message: err.print(message, markup=False, highlight=False)  # noqa: E731
     path, found = locate_profile(loaded.path, loaded.name, loaded.adapter.fingerprint(), explicit, note=say)

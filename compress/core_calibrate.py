@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from vlsparse.errors import InputError, ProfileError
-from vlsparse.profile_checks import describe
+from vlsparse.profile.checks import describe
 
 CORE_VERSION = 1
 SCORE_RULES = ("text", "all", "last")

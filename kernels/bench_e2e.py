@@ -9,7 +9,7 @@ Configurations (``E2E_CONFIGS``), all on the same model and prompts:
 - ``combined``: all three on the pruned checkpoint (``pruned``, e.g. ``vlsparse prune
   --ratio 0.5``; the same model when none is given, which the row's note says), with
   the attention and core sections of the checkpoint's profile (found by the rule of
-  ``vlsparse.profile_locate``: ``./profiles/<checkpoint>.yaml``, which ``vlsparse calibrate
+  ``vlsparse.profile.locate``: ``./profiles/<checkpoint>.yaml``, which ``vlsparse calibrate
   --model CHECKPOINT`` writes, else its own ``vlsparse.yaml``) where it has them, else the
   main profile's.
 
@@ -169,7 +169,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
     from vlsparse.compress.core_calibrate import core_settings as parse_core
     from vlsparse.errors import InputError
     from vlsparse.models import load
-    from vlsparse.profile_locate import locate_profile
+    from vlsparse.profile.locate import locate_profile
 
     unknown = [c for c in configs if c not in E2E_CONFIGS]
     if unknown:

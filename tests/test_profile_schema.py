@@ -294,7 +294,7 @@ def test_load_profile_turns_every_yaml_failure_into_a_profile_error(tmp_path, te
 
 
 def test_load_profile_refuses_a_file_larger_than_a_profile_can_be(tmp_path, monkeypatch):
-    from vlsparse import profile_checks
+    from vlsparse.profile import checks as profile_checks
 
     path = _write(tmp_path)
     monkeypatch.setattr(profile_checks, "MAX_YAML_BYTES", 100)
@@ -305,7 +305,7 @@ def test_load_profile_refuses_a_file_larger_than_a_profile_can_be(tmp_path, monk
 def test_save_profile_writes_the_sidecar_first_and_records_its_hash(tmp_path, monkeypatch):
     import hashlib
 
-    from vlsparse import profile as profile_module
+    from vlsparse.profile import schema as profile_module
 
     order = []
     real = profile_module.atomic_file
@@ -322,7 +322,7 @@ def test_save_profile_writes_the_sidecar_first_and_records_its_hash(tmp_path, mo
 
 
 def test_load_profile_refuses_an_old_yaml_beside_a_new_sidecar(tmp_path, monkeypatch):
-    from vlsparse import profile as profile_module
+    from vlsparse.profile import schema as profile_module
 
     path = save_profile(_profile(), tmp_path / "p.yaml")
     newer = _profile()

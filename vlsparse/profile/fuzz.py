@@ -247,7 +247,7 @@ def make_case(rng: random.Random, data: dict, tensors: dict) -> FuzzCase:
     """A mutated copy of a valid profile (``data`` from ``profile_to_dict``, ``tensors`` its sidecar)."""
     from safetensors.torch import save
 
-    from vlsparse.profile_checks import sha256_hex
+    from vlsparse.profile.checks import sha256_hex
 
     data, tensors, done = copy.deepcopy(data), dict(tensors), []
     families = rng.choices(["data", "valid", "tensors", "sidecar", "text"], weights=[10, 4, 2, 1, 2],

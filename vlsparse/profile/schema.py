@@ -5,7 +5,7 @@ optional safetensors sidecar beside it (``NAME.yaml`` -> ``NAME.safetensors``)
 for large arrays (static block masks, core-neuron indices), referenced by name.
 The YAML is written after the sidecar and records its sha256 (``sidecar_sha256``);
 ``load_profile`` refuses a sidecar that does not match, and checks every field
-(``vlsparse.profile_checks``) so that a profile that loads runs.
+(``vlsparse.profile.checks``) so that a profile that loads runs.
 
 Attention heads are described per **query** head with named budgets:
 
@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from vlsparse import profile_checks as checks
+from vlsparse.profile import checks
 from vlsparse.atomic import atomic_file
 from vlsparse.errors import ProfileError
 
@@ -234,7 +234,7 @@ def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile and its sidecar; every problem becomes a one-line ``ProfileError``.
 
     The YAML is bounded (size, nesting, no aliases) before it is built; a recorded sidecar
-    hash must match; masks must be valid tile masks (``vlsparse.profile_checks``).
+    hash must match; masks must be valid tile masks (``vlsparse.profile.checks``).
     """
     path = Path(path)
     if not path.is_file():

@@ -1,0 +1,17 @@
+"""The sparsity profile: the only contract between the offline half and the runtime.
+
+One package owns the profile: its schema and every section's (``schema``: the
+document, model fingerprint, calibration and attention section; the ``core`` and
+``pruning`` sections beside it), the checks that make any malformed file one
+``ProfileError`` (``checks``), and the rule that finds the profile a command uses
+(``locate``). ``fuzz`` holds the mutator behind the fuzz test and benchmark.
+"""
+
+from vlsparse.profile.schema import (PATTERN_BUDGETS, PATTERNS, PROFILE_VERSION, AttentionProfile, Calibration,
+                                     HeadProfile, ModelFingerprint, Profile, check_profile_matches, config_sha256,
+                                     head_to_dict, load_profile, profile_from_dict, profile_to_dict, save_profile,
+                                     sidecar_path)
+
+__all__ = ["PATTERN_BUDGETS", "PATTERNS", "PROFILE_VERSION", "AttentionProfile", "Calibration", "HeadProfile",
+           "ModelFingerprint", "Profile", "check_profile_matches", "config_sha256", "head_to_dict", "load_profile",
+           "profile_from_dict", "profile_to_dict", "save_profile", "sidecar_path"]
