@@ -48,14 +48,6 @@ Examples:
 """
 
 
-def _peak_rss_mb() -> float:
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
 def _check_outputs(out: Path, png: str | None, no_png: bool, force: bool, inputs: list) -> None:
     """The profile, its sidecar and its figure: free (or replaceable with --force), and none of them an input."""
     from vlsparse.atomic import check_output
@@ -107,6 +99,7 @@ def profile(
     from vlsparse.errors import InputError
     from vlsparse.models import load
     from vlsparse.profile import save_profile
+    from vlsparse.rss import peak_rss_mb
     from vlsparse.profile.locate import default_profile_path
     from vlsparse.search.api import auto_threads, profile_model
     from vlsparse.search.calibration import calibration_from
@@ -149,11 +142,11 @@ def profile(
             err.print("Note: no figure (matplotlib is not installed; pip install 'vlsparse[plot]').")
     if json_out:
         typer.echo(json.dumps({"out": str(out_path), "png": str(figure) if figure else None, "seconds": seconds,
-                               "peak_rss_mb": _peak_rss_mb(), **summary(result)}, indent=2))
+                               "peak_rss_mb": peak_rss_mb(), **summary(result)}, indent=2))
         return
     if show:
         err.print(summary_table(result))
-        err.print(f"time {seconds:.1f} s, peak RSS {_peak_rss_mb():.0f} MiB; figure: {figure or 'none'}",
+        err.print(f"time {seconds:.1f} s, peak RSS {peak_rss_mb():.0f} MiB; figure: {figure or 'none'}",
                   markup=False, highlight=False)
     typer.echo(str(out_path))
 

@@ -45,6 +45,7 @@ from vlsparse.compress.calibration import TEXT_BATCH, build_calibration, take_sa
 from vlsparse.compress.checkpoint import (PROFILE_NAME, CheckpointReader, check_output, copy_side_files, dir_size,
                                           write_pruned_checkpoint)
 from vlsparse.compress.ecoflap import zeroth_order_scores
+from vlsparse.rss import current_rss_mb, peak_rss_mb, reset_peak_rss
 from vlsparse.compress.packed import unpack_mask, write_packed_checkpoint
 from vlsparse.compress.sequential import (Block, Progress, StreamedModel, build_skeleton, dense_input_norms,
                                           find_blocks, sequential_prune)
@@ -131,29 +132,6 @@ class PruneResult:
     model_mb: float = 0.0
     out_mb: float = 0.0
     profile_source: str | None = None
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _status_mb(field_name: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) so the peak measures this run only (Linux)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 # ----------------------------------------------------------------------------- model choice
@@ -316,8 +294,8 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     progress(f"Building {name} on the meta device")
     processor = load_processor(folder, family)
     skeleton = build_skeleton(folder, family)
-    _reset_peak_rss()  # from here on (code loaded, no weights read) the peak measures this run's data
-    start_rss = _status_mb("VmRSS")
+    reset_peak_rss()  # from here on (code loaded, no weights read) the peak measures this run's data
+    start_rss = current_rss_mb()
     adapter = Adapter(skeleton, family, name=name)
     blocks = find_blocks(skeleton, adapter)
     _check_nm(blocks, nm)
@@ -360,7 +338,7 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     achieved = zero_total / pruned_total
 
     seconds = time.perf_counter() - start
-    peak = _status_mb("VmHWM")
+    peak = peak_rss_mb()
     record = {
         "method": "wanda",
         "allocation": config.resolved_allocation(),

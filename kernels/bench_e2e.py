@@ -35,7 +35,6 @@ generation, with an empty KV cache, is the prefill; every later one a decode ste
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 
 from vlsparse.compat import cache_length, cache_nbytes, cache_of_call, cache_of_output
+from vlsparse.rss import RssPeak
 
 E2E_CONFIGS = ("dense", "sparse_attention", "core_tokens", "core_neurons", "combined")
 _INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
@@ -78,39 +78,6 @@ class ForwardClock:
     def attach(self, model) -> list:
         return [model.register_forward_pre_hook(self.pre, with_kwargs=True),
                 model.register_forward_hook(self.post, with_kwargs=True)]
-
-
-class RssPeak:
-    """Context manager: the largest resident-memory growth (MiB) seen while inside, sampled every ``interval`` s."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.peak_mib = interval, 0.0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def rss_bytes() -> int:
-        try:
-            with open("/proc/self/statm") as handle:
-                return int(handle.read().split()[1]) * 4096
-        except OSError:  # not Linux: fall back to the process peak
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, (self.rss_bytes() - self._base) / 2**20)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> "RssPeak":
-        self._base = self.rss_bytes()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _generate(loaded, inputs: dict, new_tokens: int) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import dataclass
 
@@ -43,8 +41,9 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """Peak memory so far: CUDA allocator peak on GPU, process peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "GPU peak allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss / 2**20 if sys.platform == "darwin" else rss / 1024), "process peak RSS"
+    from vlsparse.rss import peak_rss_mb
+
+    return peak_rss_mb(), "process peak RSS"
 
 
 def generate_answer(loaded: LoadedModel, inputs, max_new_tokens: int = 16) -> Answer:
