@@ -38,18 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlsparse.kernels.cpu import flex_block_mask, flex_sparse_attention, sparse_attention_cpu
-from vlsparse.kernels.indices import (
-    SparseIndex,
-    a_shape_index,
-    block_mask_index,
-    index_density,
-    kept_keys,
-    num_blocks,
-    vertical_slash_index,
-)
+from vlsparse.kernels.indices import SparseIndex, index_density, kept_keys
 from vlsparse.memory import check_fits
+from vlsparse.patterns import BENCH_ORDER, PATTERNS
 
-BENCH_PATTERNS = ("vertical_slash", "block_sparse", "a_shape")
+BENCH_PATTERNS = BENCH_ORDER
 
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -91,33 +84,14 @@ def paired_median_times(fns: Sequence[Callable[[], Any]], repeats: int = 3, warm
 
 def synthetic_index(pattern: str, n: int, heads: int, budget: float, generator: torch.Generator,
                     block_size: int = 64) -> tuple[SparseIndex, float]:
-    """Lists of one pattern with ``budget`` (a fraction of N or of causal blocks).
+    """Lists of one pattern with ``budget`` (a fraction of N or of causal blocks), from the pattern
+    module's ``synthetic_index`` (``vlsparse.patterns``).
 
     Returns (index [1, heads, ...], seconds spent converting indices to lists)."""
-    if pattern == "vertical_slash":
-        count = max(1, round(budget * n / 2))
-        sink, near = min(30, count), min(100, count)
-        vertical = torch.cat([torch.arange(sink).expand(heads, sink),
-                              torch.randint(0, n, (heads, count - sink), generator=generator)], 1)
-        slash = torch.cat([torch.arange(near).expand(heads, near),
-                           torch.randint(0, n, (heads, count - near), generator=generator)], 1)
-        start = time.perf_counter()
-        index = vertical_slash_index(vertical[None], slash[None], n, block_size)
-    elif pattern == "block_sparse":
-        nqb = num_blocks(n, block_size)
-        scores = torch.rand(1, heads, nqb, nqb, generator=generator)
-        qb = torch.arange(nqb)
-        scores = scores.masked_fill(qb[None, :] > qb[:, None], -1.0)
-        k_row = torch.ceil(budget * (qb + 1).float()).clamp(min=1)
-        rank = scores.argsort(-1, descending=True).argsort(-1)
-        start = time.perf_counter()
-        index = block_mask_index(rank < k_row[:, None], n, block_size)
-    elif pattern == "a_shape":
-        start = time.perf_counter()
-        index = a_shape_index(n, min(64, n), max(1, round(budget * n)), heads, block_size)
-    else:
+    build = PATTERNS[pattern].synthetic_index if pattern in PATTERNS else None
+    if build is None:
         raise ValueError(f"bench has no synthetic lists for pattern {pattern!r} (choose from {BENCH_PATTERNS})")
-    return index, time.perf_counter() - start
+    return build(n, heads, budget, generator, block_size)
 
 
 def index_at_density(pattern: str, n: int, heads: int, density: float, seed: int = 0,
@@ -127,7 +101,7 @@ def index_at_density(pattern: str, n: int, heads: int, density: float, seed: int
     Returns (index, achieved density, seconds to build the lists once): the densest lists at
     or under ``density`` met by the bisection (the closest overall if none is under)."""
     lo, hi = 0.0, 1.0
-    guess = {"vertical_slash": density / 2, "block_sparse": density, "a_shape": density / 2}[pattern]
+    guess = PATTERNS[pattern].density_guess(density)
     tried: list[tuple[SparseIndex, float, float]] = []
     for _ in range(16):
         index, seconds = synthetic_index(pattern, n, heads, guess, torch.Generator().manual_seed(seed), block_size)
@@ -158,13 +132,15 @@ def sampled_error(q: Tensor, k: Tensor, v: Tensor, out: Tensor, index: SparseInd
 def bench_bytes(n: int, heads: int, kv_heads: int, head_dim: int, patterns: Sequence[str],
                 densities: Sequence[float], error_rows: int = 256, block_size: int = 64) -> int:
     """Estimated peak memory of one length ``n``: q/k/v and the dense and sparse outputs (fp32); the
-    lists (up to NQB windows and ``density x N`` columns per query block, x2 while built); block_sparse's
-    random block scores with their two argsorts (25 bytes per block pair); the error check's scores,
+    lists (up to NQB windows and ``density x N`` columns per query block, x2 while built); the largest
+    working memory of a pattern's synthetic lists (``synthetic_bytes``: block_sparse's random block scores
+    with their two argsorts, 25 bytes per block pair); the error check's scores,
     probabilities and masks over the sampled rows (14 bytes per row and key)."""
     nqb = -(-n // block_size)
     tensors = 4 * head_dim * n * (4 * heads + 2 * kv_heads)
     lists = 2 * 4 * heads * nqb * (nqb + math.ceil(max(densities, default=1.0) * n))
-    scores = 25 * heads * nqb * nqb if "block_sparse" in patterns else 0
+    scores = max((PATTERNS[p].synthetic_bytes(n, heads, block_size) for p in patterns
+                  if p in PATTERNS and PATTERNS[p].synthetic_bytes is not None), default=0)
     rows = n if n <= 2048 else min(error_rows, n)
     return tensors + lists + scores + 14 * heads * rows * n
 

@@ -119,6 +119,20 @@ def pool_blocks(x: Tensor, block_size: int) -> Tensor:
     return sums / counts[:, None]
 
 
+def pooled_block_scores(q: Tensor, k: Tensor, *, heads: Sequence[int] | None = None, scale: float | None = None,
+                        block_size: int = 64) -> Tensor:
+    """``scale * mean_pool(q) . mean_pool(k)`` per (query block, key block), ``-inf`` above the diagonal.
+
+    q: [B, H, N, D], k: [B, Hkv, N, D] -> [B, h, NQB, NKB] float32 (FlexPrefill / XAttention pooling;
+    ``scale`` defaults to ``1 / sqrt(D)``). The search scores the same numbers offline.
+    """
+    ids = _head_ids(heads, q.shape[1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = grouped_scores(pool_blocks(q, block_size), pool_blocks(k, block_size), ids, scale)
+    qb = torch.arange(scores.shape[-1], device=q.device)
+    return scores.masked_fill(qb[None, :] > qb[:, None], float("-inf"))
+
+
 def estimate_block_sparse(q: Tensor, k: Tensor, *, blocks: float | Sequence[float] | Tensor | None = None,
                           mass: float | Sequence[float] | Tensor | None = None, heads: Sequence[int] | None = None,
                           scale: float | None = None, block_size: int = 64) -> Tensor:
@@ -131,15 +145,12 @@ def estimate_block_sparse(q: Tensor, k: Tensor, *, blocks: float | Sequence[floa
     """
     if (blocks is None) == (mass is None):
         raise ValueError("give exactly one of blocks= and mass=")
-    b, h, n, d = q.shape
-    ids = _head_ids(heads, h)
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    qp, kp = pool_blocks(q, block_size), pool_blocks(k, block_size)
-    scores = grouped_scores(qp, kp, ids, scale)  # [B, h, NQB, NKB]
+    ids = _head_ids(heads, q.shape[1])
+    scores = pooled_block_scores(q, k, heads=ids, scale=scale, block_size=block_size)  # [B, h, NQB, NKB]
     nqb = scores.shape[-1]
     qb = torch.arange(nqb, device=q.device)
     causal = qb[None, :] <= qb[:, None]
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    probs = scores.softmax(-1)
     order = probs.sort(-1, descending=True)
     if mass is not None:
         gamma = _per_head(mass, len(ids), torch.float32).to(q.device)
@@ -153,4 +164,5 @@ def estimate_block_sparse(q: Tensor, k: Tensor, *, blocks: float | Sequence[floa
     return (keep & causal) | torch.eye(nqb, dtype=torch.bool, device=q.device)
 
 
-__all__ = ["estimate_block_sparse", "estimate_vertical_slash", "grouped_scores", "pool_blocks", "scaled_minimum"]
+__all__ = ["estimate_block_sparse", "estimate_vertical_slash", "grouped_scores", "pool_blocks", "pooled_block_scores",
+           "scaled_minimum"]

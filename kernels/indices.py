@@ -24,19 +24,17 @@ Patterns (the profile's ``HeadProfile.pattern``) map onto two converters:
   + ``0..local-1``, ``modality_vertical_slash`` = one set per query-row modality);
 - a block mask ``[NQB, NKB]`` -> :func:`block_mask_index` (``dense``, ``block_sparse``, ``static``).
 
-:func:`layer_index` builds one layer's lists from its ``HeadProfile`` list and the actual
-inputs, grouping heads by pattern so each group is built in one batched call.
+``vlsparse.patterns.layer.layer_index`` builds one layer's lists from its ``HeadProfile`` list
+and the actual inputs with these builders, one pattern module per pattern.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from vlsparse.profile import HeadProfile
 
 BLOCK_SIZE = 64
 
@@ -202,6 +200,19 @@ def _slash_windows(slash: Tensor, n: int, bs: int) -> tuple[Tensor, Tensor]:
     return starts_t, covered
 
 
+def slash_windows(offsets: Tensor | Sequence[int], n: int, block_size: int = BLOCK_SIZE) -> Tensor:
+    """Window starts (distance space, ascending) covering the diagonals at ``offsets`` in every query block.
+
+    One set of :func:`_slash_windows` (the runtime's greedy cover from the diagonal, MInference's
+    merged ranges): diagonal ``o`` needs distances ``[o, o + bs - 1]``; the next window starts at
+    the first needed distance at or past the previous start + ``bs``. Offsets outside [0, n) are
+    ignored; the diagonal is always covered.
+    """
+    offsets = torch.as_tensor(offsets, dtype=torch.long).flatten()
+    starts = _slash_windows(offsets[None], n, block_size)[0][0]
+    return starts[starts < n + block_size - 1]
+
+
 def _vs_blocks(starts: Tensor, covered: Tensor, vertical: Tensor, qbs: Tensor, n: int, bs: int):
     """Windows and columns of query blocks ``qbs`` [c] for one set per head.
 
@@ -288,11 +299,23 @@ def vertical_slash_index(vertical: Tensor, slash: Tensor, n: int, block_size: in
 
 
 def modality_rows(spans: Sequence[tuple[int, int]], n: int) -> Tensor:
-    """Boolean [n]: True on image-token rows (``spans`` = [(start, end), ...], end exclusive)."""
+    """Boolean [n]: True on image-token rows (``spans`` = [(start, end), ...] or objects with
+    ``.start`` / ``.end``, end exclusive)."""
     image = torch.zeros(n, dtype=torch.bool)
-    for start, end in spans:
+    for span in spans:
+        start, end = (span.start, span.end) if hasattr(span, "start") else span
         image[max(int(start), 0): min(int(end), n)] = True
     return image
+
+
+def modality_block_groups(spans: Sequence[tuple[int, int]], n: int, block_size: int = BLOCK_SIZE) -> Tensor:
+    """Group of each query block [NQB]: 0 text rows only, 1 image rows only, 2 both (MMInference's Q-boundary)."""
+    nqb = num_blocks(n, block_size)
+    pad = nqb * block_size - n
+    image = torch.nn.functional.pad(modality_rows(spans, n), (0, pad)).view(nqb, block_size)
+    rows = torch.nn.functional.pad(torch.ones(n, dtype=torch.bool), (0, pad)).view(nqb, block_size)
+    has_image, has_text = image.any(1), (rows & ~image).any(1)
+    return torch.where(has_image & has_text, 2, torch.where(has_image, 1, 0))
 
 
 def modality_vertical_slash_index(text_vertical: Tensor, text_slash: Tensor, image_vertical: Tensor,
@@ -304,13 +327,7 @@ def modality_vertical_slash_index(text_vertical: Tensor, text_slash: Tensor, ima
     Query blocks whose rows are all text use the text sets, all image the image sets; a
     block straddling a boundary uses the union (lists are per block, so a superset).
     """
-    image = modality_rows(spans, n)
-    nqb = num_blocks(n, block_size)
-    padded = torch.nn.functional.pad(image, (0, nqb * block_size - n)).view(nqb, block_size)
-    rows = torch.nn.functional.pad(torch.ones(n, dtype=torch.bool), (0, nqb * block_size - n)).view(nqb, block_size)
-    has_image = padded.any(1)
-    has_text = (rows & ~padded).any(1)
-    variant = torch.where(has_image & has_text, 2, torch.where(has_image, 1, 0))
+    variant = modality_block_groups(spans, n, block_size)
 
     def stack(a: Tensor, c: Tensor) -> Tensor:
         width = max(a.shape[-1], c.shape[-1])
@@ -392,85 +409,6 @@ def merge_heads(parts: Sequence[tuple[Sequence[int], SparseIndex]], heads: int, 
         bo[:, idx, :, : part.block_offset.shape[-1]] = part.block_offset
         ci[:, idx, :, : part.column_index.shape[-1]] = part.column_index
     return SparseIndex(bc, bo, cc, ci, bs)
-
-
-def layer_index(heads: Sequence[HeadProfile], q: Tensor, k: Tensor, *, scale: float | None = None,
-                spans: Sequence[tuple[int, int]] = (), masks: Mapping[str, Tensor] | None = None,
-                block_size: int = BLOCK_SIZE, last_q: int = 64, dense_tail: bool = False) -> SparseIndex:
-    """Build one layer's lists for all query heads from their profiles and this input.
-
-    q: [B, H, N, D] (post-RoPE), k: [B, Hkv, N, D]; ``heads[h]`` is query head h's profile;
-    ``spans`` the image-token ranges; ``masks`` the profile's sidecar tensors (``static``).
-    Budgets are fractions of N (see ``vlsparse.profile``), turned into counts at this N with
-    minimums: one slash (the diagonal), one local key, a top-k of at least one block. A
-    ``block_sparse`` head with ``mass`` uses it (gamma) and ignores ``blocks``; ``static`` heads
-    read ``masks[head.mask]`` (their ``select`` is already in the mask). Heads sharing a
-    pattern are built together; ``vertical_slash``, ``modality_vertical_slash`` and
-    ``block_sparse`` indices are estimated online from q and k (``vlsparse.kernels.estimate``).
-    ``dense_tail``: the last query block runs dense (``with_dense_tail``), for every head.
-    """
-    from vlsparse.kernels import estimate
-
-    b, h, n, _ = q.shape
-    if len(heads) != h:
-        raise ValueError(f"{len(heads)} head profiles for {h} query heads")
-    groups: dict[str, list[int]] = {}
-    for i, head in enumerate(heads):
-        groups.setdefault(head.pattern, []).append(i)
-    parts: list[tuple[Sequence[int], SparseIndex]] = []
-    nqb = num_blocks(n, block_size)
-    for pattern, ids in groups.items():
-        hp = [heads[i] for i in ids]
-        if pattern == "dense":
-            part = dense_index(n, len(ids), 1, block_size)
-        elif pattern == "a_shape":
-            part = a_shape_index(n, [budget_count(p.budget.get("sink", 0.0), n) for p in hp],
-                                 [budget_count(p.budget.get("local", 0.0), n, 1) for p in hp], len(ids), block_size)
-        elif pattern == "grid":
-            part = grid_index(n, [int(p.params["stride"]) for p in hp], [int(p.params.get("phase", 0)) for p in hp],
-                              [budget_count(p.budget.get("local", 0.0), n, 1) for p in hp], len(ids), block_size)
-        elif pattern == "static":
-            if masks is None or any(p.mask not in masks for p in hp):
-                raise ValueError("static heads need their block masks (the profile's sidecar tensors)")
-            stacked = torch.stack([resize_block_mask(torch.as_tensor(masks[p.mask]).bool(), nqb) for p in hp])
-            part = static_index(stacked, n, block_size)
-        elif pattern == "vertical_slash":
-            nv = [budget_count(p.budget.get("vertical", 0.0), n) for p in hp]
-            ns = [budget_count(p.budget.get("slash", 0.0), n, 1) for p in hp]
-            vertical, slash = estimate.estimate_vertical_slash(q, k, nv, ns, heads=ids, scale=scale, last_q=last_q)
-            part = vertical_slash_index(vertical, slash, n, block_size)
-        elif pattern == "modality_vertical_slash":
-            image = modality_rows(spans, n)
-            rows_text = torch.nonzero(~image).flatten()[-last_q:]
-            rows_image = torch.nonzero(image).flatten()[-last_q:]
-            sets = []
-            for rows, kv, ks in ((rows_text, "text_vertical", "text_slash"), (rows_image, "image_vertical", "image_slash")):
-                if len(rows) == 0:
-                    sets.append((torch.full((b, len(ids), 1), n), torch.full((b, len(ids), 1), n)))
-                    continue
-                sets.append(estimate.estimate_vertical_slash(
-                    q, k, [budget_count(p.budget.get(kv, 0.0), n) for p in hp],
-                    [budget_count(p.budget.get(ks, 0.0), n, 1) for p in hp], heads=ids, scale=scale, rows=rows))
-            (tv, ts), (iv, is_) = sets
-            part = modality_vertical_slash_index(tv, ts, iv, is_, n, spans, block_size)
-        elif pattern == "block_sparse":
-            with_mass = [i for i, p in zip(ids, hp) if "mass" in p.budget]
-            with_topk = [i for i, p in zip(ids, hp) if "mass" not in p.budget]
-            for sub in (with_mass, with_topk):
-                if not sub:
-                    continue
-                sp = [heads[i] for i in sub]
-                mask = estimate.estimate_block_sparse(
-                    q, k, heads=sub, scale=scale, block_size=block_size,
-                    mass=[p.budget["mass"] for p in sp] if sub is with_mass else None,
-                    blocks=None if sub is with_mass else [p.budget.get("blocks", 0.0) for p in sp])
-                parts.append((sub, block_mask_index(mask, n, block_size)))
-            continue
-        else:
-            raise ValueError(f"unknown attention pattern {pattern!r}")
-        parts.append((ids, part))
-    index = merge_heads(parts, h, b)
-    return with_dense_tail(index, n) if dense_tail else index
 
 
 # ----------------------------------------------------------------------------- inspection
@@ -562,8 +500,8 @@ def check_index(index: SparseIndex, n: int) -> None:
 
 
 __all__ = [
-    "BLOCK_SIZE", "SparseIndex", "a_shape_index", "block_mask_index", "budget_count", "check_index", "dense_index",
-    "grid_index", "grid_slashes", "index_density", "index_mask", "kept_keys", "layer_index", "merge_heads",
-    "modality_rows", "modality_vertical_slash_index", "num_blocks", "resize_block_mask", "static_index",
-    "vertical_slash_index", "with_dense_tail",
+    "BLOCK_SIZE", "SparseIndex", "a_shape_index", "block_mask_index", "budget_count", "check_index",
+    "dense_index", "grid_index", "grid_slashes", "index_density", "index_mask", "kept_keys",
+    "merge_heads", "modality_block_groups", "modality_rows", "modality_vertical_slash_index", "num_blocks",
+    "resize_block_mask", "slash_windows", "static_index", "vertical_slash_index", "with_dense_tail",
 ]

@@ -107,7 +107,7 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
     if runtime is None or layer is None or not _is_sparse_prefill(runtime, module, query, key, attention_mask):
         return _dense(module, query, key, value, attention_mask, **kwargs)
     from vlsparse.kernels.dispatch import sparse_attention
-    from vlsparse.kernels.indices import layer_index
+    from vlsparse.patterns.layer import layer_index
 
     heads = runtime.heads(layer)
     n = query.shape[2]

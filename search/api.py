@@ -28,6 +28,7 @@ import torch
 
 from vlsparse.errors import InputError
 from vlsparse.memory import calibration_tokens, check_sequence_fits
+from vlsparse.patterns import lookup
 from vlsparse.profile import AttentionProfile, Calibration, Profile
 from vlsparse.search.calibration import CalibrationSet, prepare_sample
 from vlsparse.search.candidates import LAST_Q, SearchSpace, catalogue
@@ -152,12 +153,15 @@ def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpa
     spans_all = [s for _, _, spans, _ in prepared for s in spans]
     candidates = catalogue(n_cal, images=bool(spans_all), strides=image_strides([s for *_, s, _ in prepared]),
                            space=space)
-    if len(prepared) < 2:  # static masks are scored leave-one-out: they need two samples
-        candidates = [c for c in candidates if c.pattern != "static"]
+    def offline(c) -> bool:
+        return lookup(c.pattern).OFFLINE
+
+    if len(prepared) < 2:  # offline (static) masks are scored leave-one-out: they need two samples
+        candidates = [c for c in candidates if not offline(c)]
     nb = max(-(-n // BLOCK) for n in lengths)
     static_bytes = 4 * adapter.num_layers * adapter.num_heads * len(prepared) * nb * nb
-    if static_bytes > STATIC_STATS_BYTES and any(c.pattern == "static" for c in candidates):
-        candidates = [c for c in candidates if c.pattern != "static"]
+    if static_bytes > STATIC_STATS_BYTES and any(offline(c) for c in candidates):
+        candidates = [c for c in candidates if not offline(c)]
         say(f"note: static masks left out (their statistics would take {static_bytes / 2**30:.1f} GiB; "
             f"use fewer --samples or a shorter --seq-len)")
     search = PatternSearch(candidates, adapter.num_layers, adapter.num_heads, last_q=LAST_Q, block=BLOCK,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlsparse.patterns import lookup
 from vlsparse.profile import HeadProfile
 from vlsparse.search.candidates import Candidate, budget_counts
 
@@ -66,5 +67,5 @@ def head_profile(chosen: Scored, n_cal: int, mask: str | None = None) -> HeadPro
         recall_mean=round(float(chosen.recall_mean), 6),
         tail_recall_min=round(float(chosen.tail_min), 6),
         density=round(float(chosen.density), 6),
-        mask=mask if cand.pattern == "static" else None,
+        mask=mask if lookup(cand.pattern).USES_MASK else None,
     )

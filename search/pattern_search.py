@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import torch
 
+from vlsparse.patterns import PATTERNS, lookup
 from vlsparse.search.candidates import Candidate
 from vlsparse.search.choose import Scored, choose
 from vlsparse.search.evaluate import evaluate_layer, evaluate_static
 from vlsparse.search.recall import BLOCK, STEP_ELEMENTS, num_blocks
+
+
+def is_offline(cand: Candidate) -> bool:
+    """Whether ``cand``'s pattern is scored after all samples (a static mask) rather than per input."""
+    return lookup(cand.pattern, PATTERNS).OFFLINE
 
 
 class PatternSearch:
@@ -26,14 +32,14 @@ class PatternSearch:
     def __init__(self, candidates: list[Candidate], num_layers: int, num_heads: int, last_q: int = 64,
                  block: int = BLOCK, max_elements: int = STEP_ELEMENTS, dense_tail: bool = False) -> None:
         self.candidates = list(candidates)
-        self.online = [c for c in self.candidates if c.pattern != "static"]
+        self.online = [c for c in self.candidates if not is_offline(c)]
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.last_q = last_q
         self.block = block
         self.max_elements = max_elements
         self.dense_tail = dense_tail
-        self.keep_tiles = any(c.pattern == "static" for c in self.candidates)
+        self.keep_tiles = any(is_offline(c) for c in self.candidates)
         self.recall: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.density: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.tail: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
@@ -69,7 +75,7 @@ class PatternSearch:
         masses = [m[head] for m in self.tile_mass[layer]] if self.keep_tiles else []
         lengths = self.lengths[layer]
         index = {c: i for i, c in enumerate(self.online)}
-        statics = [c for c in self.candidates if c.pattern == "static"] if len(lengths) > 1 else []
+        statics = [c for c in self.candidates if is_offline(c)] if len(lengths) > 1 else []
         static_scores = {}
         if statics:
             found = evaluate_static(masses, lengths, [c.budgets["select"] for c in statics],
@@ -77,7 +83,7 @@ class PatternSearch:
             static_scores = dict(zip(statics, found))
         out, masks = [], {}
         for cand in self.candidates:
-            if cand.pattern == "static":
+            if is_offline(cand):
                 if cand not in static_scores:  # one sample: no held-out recall, so no static masks
                     continue
                 mask, recalls, densities, tails = static_scores[cand]
@@ -101,7 +107,7 @@ class PatternSearch:
             for head in range(self.num_heads):
                 scored, static_masks = self.scored(layer, head, n_cal)
                 best = choose(scored, target, tie_density=tie_density, min_gain=min_gain, tail_target=tail_target)
-                if best.candidate.pattern == "static":
+                if is_offline(best.candidate):
                     masks[(layer, head)] = static_masks[best.candidate]
                 row.append(best)
             chosen.append(row)

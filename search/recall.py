@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from vlsparse.kernels.indices import BLOCK_SIZE, num_blocks
+from vlsparse.patterns.layout import Layout, causal_tiles
 
 BLOCK = BLOCK_SIZE
 """Tile side of the kernels' block layout."""
@@ -76,38 +77,6 @@ class TileStats:
     columns: torch.Tensor
     column_mass: torch.Tensor
     tail_window_mass: torch.Tensor
-
-
-@dataclass
-class Layout:
-    """One head's kept set in the kernels' layout (tiles *or* windows, plus columns).
-
-    ``tiles``: bool ``[nb, nb]`` aligned tiles; ``starts``: window starts ``[G, W]`` in
-    distance space, sorted, one row per window set (padding: a large value);
-    ``groups``: ``[nb]`` which window set each query block uses (``None``: set 0 for all;
-    otherwise the ``TileStats`` groups, so ``G = GROUPS``); ``columns``: sorted unique key
-    indices ``[C]``; ``column_blocks``: bool ``[nb, C]``, which query blocks use each
-    column (``None``: all); ``dense_tail``: the last query block keeps every causal key
-    instead (``vlsparse.kernels.indices.with_dense_tail``).
-    """
-
-    tiles: torch.Tensor | None = None
-    starts: torch.Tensor | None = None
-    groups: torch.Tensor | None = None
-    columns: torch.Tensor | None = None
-    column_blocks: torch.Tensor | None = None
-    dense_tail: bool = False
-
-    def __post_init__(self) -> None:
-        if self.tiles is not None and self.starts is not None:
-            raise ValueError("a layout has tiles or windows, not both")
-        if self.columns is None:
-            self.columns = torch.empty(0, dtype=torch.long)
-
-
-def causal_tiles(nb: int) -> torch.Tensor:
-    """Bool ``[nb, nb]``: the causal tiles (key block <= query block)."""
-    return torch.arange(nb)[None, :] <= torch.arange(nb)[:, None]
 
 
 def _rows_per_step(heads: int, n: int, block: int, max_elements: int) -> int:

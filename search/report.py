@@ -16,27 +16,18 @@ from typing import Any
 from vlsparse import __version__
 from vlsparse.atomic import PNG_SOFTWARE, atomic_file
 from vlsparse.errors import OutputError
+from vlsparse.patterns import PATTERNS as PATTERN_TABLE
+from vlsparse.patterns import lookup
 from vlsparse.profile import PATTERNS, Profile
-from vlsparse.search.recall import attention_flops, num_blocks
+from vlsparse.search.recall import attention_flops
 
-PATTERN_COLORS = {
-    "dense": "#7f7f7f",
-    "a_shape": "#1f77b4",
-    "vertical_slash": "#d62728",
-    "block_sparse": "#2ca02c",
-    "grid": "#9467bd",
-    "modality_vertical_slash": "#ff7f0e",
-    "static": "#8c564b",
-}
+PATTERN_COLORS = {name: module.COLOR for name, module in PATTERN_TABLE.items()}
+"""Each pattern's colour in the figure (the pattern modules' ``COLOR``)."""
 
 
 def _estimate_flops(pattern: str, n: int, d: int, last_q: int, block: int) -> float:
-    if pattern in ("vertical_slash", "modality_vertical_slash"):
-        rows = last_q * (2 if pattern == "modality_vertical_slash" else 1)
-        return 2.0 * rows * n * d
-    if pattern == "block_sparse":
-        return 2.0 * num_blocks(n, block) ** 2 * d
-    return 0.0
+    """FLOPs of the pattern's online estimate (its module's ``estimate_flops``)."""
+    return lookup(pattern).estimate_flops(n, d, last_q, block)
 
 
 def summary(profile: Profile) -> dict[str, Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vlsparse.kernels.indices import a_shape_index, dense_index, layer_index
+from vlsparse.kernels.indices import a_shape_index, dense_index
+from vlsparse.patterns.layer import layer_index
 from vlsparse.kernels.reference import sparse_attention_reference
 from vlsparse.profile import HeadProfile
 

@@ -14,13 +14,13 @@ from vlsparse.kernels.indices import (
     grid_slashes,
     index_density,
     index_mask,
-    layer_index,
     modality_vertical_slash_index,
     resize_block_mask,
     static_index,
     vertical_slash_index,
     with_dense_tail,
 )
+from vlsparse.patterns.layer import layer_index
 from vlsparse.profile import HeadProfile
 
 

@@ -1,7 +1,7 @@
 """The search scores what the runtime computes: same kept query-key pairs and same cost for every candidate.
 
 Builds each candidate's layout in ``vlsparse.search.candidates`` and the runtime's
-index lists (``vlsparse.kernels.indices.layer_index``) for the same ``HeadProfile``
+index lists (``vlsparse.patterns.layer.layer_index``) for the same ``HeadProfile``
 on the same q/k, and compares the dense masks they imply and their block-layout cost.
 """
 
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vlsparse.models.adapter import ImageSpan
+from vlsparse.patterns.layer import layer_index
 from vlsparse.profile import HeadProfile
 from vlsparse.search.candidates import build_layout, catalogue, estimate, resize_tile_mask, static_tiles
 from vlsparse.search.recall import Layout, layout_density, layout_token_mask
@@ -34,7 +35,7 @@ def _runtime(cands, q, k, masks=None, dense_tail=False):
     for cand in cands:
         head = HeadProfile(pattern=cand.pattern, budget=cand.budgets, params=cand.parameters,
                            mask="m" if cand.pattern == "static" else None)
-        index = indices.layer_index([head] * HEADS, q[None], k[None], scale=SCALE,
+        index = layer_index([head] * HEADS, q[None], k[None], scale=SCALE,
                                     spans=[(s.start, s.end) for s in SPANS], masks=masks, dense_tail=dense_tail)
         cost = (index.block_count[0].sum(-1).double() + index.column_count[0].sum(-1).double() / 64)
         yield cand, indices.index_mask(index, N)[0], cost / (nb * (nb + 1) / 2)

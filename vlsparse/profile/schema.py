@@ -42,20 +42,15 @@ import yaml
 from vlsparse.profile import checks
 from vlsparse.atomic import atomic_file
 from vlsparse.errors import ProfileError
+from vlsparse.patterns import PATTERNS as PATTERN_TABLE
 
 PROFILE_VERSION = 1
 
-PATTERN_BUDGETS: dict[str, tuple[str, ...]] = {
-    "dense": (),
-    "a_shape": ("sink", "local"),
-    "vertical_slash": ("vertical", "slash"),
-    "block_sparse": ("blocks", "mass"),
-    "grid": ("local",),
-    "modality_vertical_slash": ("text_vertical", "text_slash", "image_vertical", "image_slash"),
-    "static": ("select",),
-}
+PATTERN_BUDGETS: dict[str, tuple[str, ...]] = {name: module.BUDGETS for name, module in PATTERN_TABLE.items()}
+"""Budget names of each pattern (the pattern modules' ``BUDGETS``, ``vlsparse.patterns``)."""
 PATTERNS = tuple(PATTERN_BUDGETS)
-PATTERN_PARAMS: dict[str, tuple[str, ...]] = {pattern: () for pattern in PATTERNS} | {"grid": ("stride", "phase")}
+PATTERN_PARAMS: dict[str, tuple[str, ...]] = {name: module.PARAMS for name, module in PATTERN_TABLE.items()}
+MASK_PATTERNS = tuple(name for name, module in PATTERN_TABLE.items() if module.USES_MASK)
 
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures",
                          "quantization_config", "_attn_implementation", "_attn_implementation_autoset",
@@ -290,7 +285,7 @@ def profile_from_dict(data: Any) -> Profile:
         if section is not None:
             checks.plain_data(section, name)
     if core is not None:
-        from vlsparse.compress.core_calibrate import core_settings
+        from vlsparse.profile.core import core_settings
 
         try:  # what the core runtime will read: refused now, not when it is attached
             core_settings(core, model.num_layers)
@@ -339,13 +334,15 @@ def _head_from_dict(h: Any, index: int, where: str) -> HeadProfile:
     checks.named_values(budget_abs, names, "budget_abs", where, pattern)
     params = checks.sub_mapping(h, "params", where, default={})
     checks.named_values(params, PATTERN_PARAMS[pattern], "params", where, pattern)
-    if pattern == "grid" and "stride" not in params:
-        raise ProfileError(f"{where}: grid pattern needs params.stride")
+    for name in PATTERN_TABLE[pattern].REQUIRED_PARAMS:
+        if name not in params:
+            raise ProfileError(f"{where}: {pattern} pattern needs params.{name}")
     mask = checks.value_of(h, "mask", where, default=None)
-    if pattern == "static" and not (isinstance(mask, str) and mask):
-        raise ProfileError(f"{where}: static pattern needs `mask` (a sidecar tensor name), got {checks.describe(mask)}")
-    if pattern != "static" and mask is not None:
-        raise ProfileError(f"{where}: `mask` applies only to static heads, not {pattern}")
+    if pattern in MASK_PATTERNS and not (isinstance(mask, str) and mask):
+        raise ProfileError(f"{where}: {pattern} pattern needs `mask` (a sidecar tensor name), "
+                           f"got {checks.describe(mask)}")
+    if pattern not in MASK_PATTERNS and mask is not None:
+        raise ProfileError(f"{where}: `mask` applies only to {'/'.join(MASK_PATTERNS)} heads, not {pattern}")
     fraction = "a fraction in [0, 1]"
     return HeadProfile(
         pattern=pattern,
