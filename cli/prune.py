@@ -70,6 +70,8 @@ def prune(
     model_arg: ModelArg = None,
     model: ModelOpt = None,
     ratio: Annotated[float, typer.Option("--ratio", help="Share of the pruned matrices' weights to zero.")] = 0.5,
+    method: Annotated[str, typer.Option("--method", help="Pruning method for each layer (registered: wanda).")
+                      ] = "wanda",
     allocation: Annotated[Optional[str], typer.Option(
         "--allocation", help="ecoflap, owl or uniform [default: ecoflap; uniform with N:M].",
         show_default=False)] = None,
@@ -104,7 +106,7 @@ def prune(
 
     if model_arg and model and model_arg != model:
         raise InputError(f"two models given ({model_arg} and --model {model})", "give the model once")
-    config = PruneConfig(ratio=ratio, allocation=allocation, structure=structure, scope=scope,
+    config = PruneConfig(ratio=ratio, method=method, allocation=allocation, structure=structure, scope=scope,
                          max_deviation=max_deviation, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
                          epsilon=epsilon, draws=draws, ecoflap_samples=ecoflap_samples, pack=pack, force=force,
                          profile=profile)

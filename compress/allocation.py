@@ -13,7 +13,7 @@ in all groups together, so the global ratio is met to within one weight.
   uniform allocation. (The reference implementation adds where it should
   subtract in its overshoot branch and so misses the global ratio; here the
   level is solved for and the total is exact.)
-- ``owl`` (Yin et al. 2024): keep fraction ``1 - ratio + d_g - mean(d)`` with
+- ``owl`` (Yin et al. 2024; ``vlsparse.compress.allocations.owl``): keep fraction ``1 - ratio + d_g - mean(d)`` with
   ``d_g`` the layer outlier ratio scaled to ``[0, 2 * lam]`` (lam = 0.08), mean
   weighted by size, clipped to the same deviation bound and shifted to meet
   the total exactly.
@@ -115,20 +115,6 @@ def water_fill(sizes: Sequence[int], scores: Sequence[float], ratio: float, max_
         clean = [1.0] * len(sizes)
     slope = [c * s for c, s in zip(clean, sizes)]
     return fill_to_total([float(x) for x in lo], slope, lo, hi, keep_total(sizes, ratio))
-
-
-def owl(sizes: Sequence[int], outlier_ratios: Sequence[float], ratio: float, max_deviation: float = 0.1,
-        lam: float = 0.08) -> list[int]:
-    """OWL keep counts from layer outlier ratios (higher = more outliers = keep more)."""
-    if len(sizes) != len(outlier_ratios):
-        raise ValueError("one outlier ratio per group")
-    low, high = min(outlier_ratios), max(outlier_ratios)
-    spread = [(r - low) / (high - low) * 2 * lam if high > low else 0.0 for r in outlier_ratios]
-    n = sum(sizes)
-    mean = sum(d * s for d, s in zip(spread, sizes)) / n
-    lo, hi = deviation_bounds(sizes, ratio, max_deviation)
-    base = [s * (1 - ratio + d - mean) for d, s in zip(spread, sizes)]
-    return fill_to_total(base, list(sizes), lo, hi, keep_total(sizes, ratio))
 
 
 def split_count(total: int, sizes: Sequence[int]) -> list[int]:

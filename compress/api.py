@@ -6,7 +6,7 @@
 Steps: check every argument and the output path (before any work); build the
 model on the meta device and load its stem; build calibration batches; choose
 per-block keep counts (ECoFLaP water-filling, OWL or uniform; N:M is uniform by
-construction); run the sequential Wanda loop; write a plain Hugging Face folder
+construction); run the sequential loop with the --method (Wanda); write a plain Hugging Face folder
 (or a packed one) atomically, with ``vlsparse.yaml`` recording the run.
 
 ``pruning:`` section of ``vlsparse.yaml`` (schema owned here)::
@@ -47,9 +47,10 @@ from vlsparse.compress.checkpoint import (PROFILE_NAME, CheckpointReader, check_
 from vlsparse.compress.ecoflap import zeroth_order_scores
 from vlsparse.rss import current_rss_mb, peak_rss_mb, reset_peak_rss
 from vlsparse.compress.packed import unpack_mask, write_packed_checkpoint
-from vlsparse.compress.sequential import (Block, Progress, StreamedModel, build_skeleton, dense_input_norms,
-                                          find_blocks, sequential_prune)
-from vlsparse.compress.wanda import outlier_ratio, parse_structure, wanda_mask, wanda_scores
+from vlsparse.compress.allocations import owl as owl_method
+from vlsparse.compress.sequential import Block, Progress, StreamedModel, build_skeleton, find_blocks, sequential_prune
+from vlsparse.compress.methods import method_named
+from vlsparse.compress.wanda import parse_structure
 from vlsparse.errors import InputError, ProfileError
 
 SCOPES = ("global", "per-tower")
@@ -66,6 +67,7 @@ class PruneConfig:
     """
 
     ratio: float = 0.5
+    method: str = "wanda"
     allocation: str | None = None
     structure: str = "unstructured"
     scope: str = "global"
@@ -93,6 +95,7 @@ class PruneConfig:
         if not 0.0 < self.ratio < 1.0:
             raise InputError(f"--ratio must be between 0 and 1 (exclusive), got {self.ratio}",
                              "e.g. --ratio 0.5 prunes half of the weights")
+        method_named(self.method)
         nm = parse_structure(self.structure)
         if nm and abs(self.ratio - nm[0] / nm[1]) > 1e-9:
             raise InputError(f"--structure {self.structure} prunes exactly {nm[0]}/{nm[1]} of every row, "
@@ -195,18 +198,6 @@ def _allocation_towers(blocks: list[Block], scope: str) -> list[list[int]]:
     return [t for t in (vision, lm) if t]
 
 
-def _outlier_ratios(streamed: StreamedModel, norms: dict[str, torch.Tensor], m: float) -> list[float]:
-    ratios = []
-    for block in streamed.blocks:
-        streamed.materialise(block)
-        try:
-            scores = [wanda_scores(streamed.model.get_parameter(n), norms[n]) for n in block.weight_names()]
-            ratios.append(outlier_ratio(scores, m))
-        finally:
-            streamed.release(block)
-    return ratios
-
-
 def allocate(streamed: StreamedModel, batches: list[dict], config: PruneConfig,
              progress: Progress) -> tuple[list[int], list[float] | None, dict]:
     """(keep count per block, score per block or None, record for the profile)."""
@@ -222,8 +213,8 @@ def allocate(streamed: StreamedModel, batches: list[dict], config: PruneConfig,
         record = {"ecoflap": {"epsilon": config.epsilon, "draws": config.draws,
                               "samples": sum(b["input_ids"].shape[0] for b in scoring), "seed": config.seed}}
     elif method == "owl":
-        norms = dense_input_norms(streamed, batches, progress)
-        scores = _outlier_ratios(streamed, norms, config.owl_m)
+        norms = owl_method.dense_input_norms(streamed, batches, progress)
+        scores = owl_method.outlier_ratios(streamed, norms, config.owl_m)
         record = {"owl": {"m": config.owl_m, "lam": config.owl_lambda}}
     keeps = [0] * len(blocks)
     for tower in _allocation_towers(blocks, config.scope):
@@ -231,7 +222,7 @@ def allocate(streamed: StreamedModel, batches: list[dict], config: PruneConfig,
         if method == "ecoflap":
             got = alloc.water_fill(sub, [scores[i] for i in tower], config.ratio, config.max_deviation)
         elif method == "owl":
-            got = alloc.owl(sub, [scores[i] for i in tower], config.ratio, config.max_deviation, config.owl_lambda)
+            got = owl_method.owl(sub, [scores[i] for i in tower], config.ratio, config.max_deviation, config.owl_lambda)
         else:
             got = alloc.uniform(sub, config.ratio)
         for i, k in zip(tower, got):
@@ -310,11 +301,12 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     keeps, scores, method_record = allocate(streamed, calib.batches, config, progress)
     counts = _prune_counts(blocks, keeps)
 
-    def make_masks(block: Block, sq_norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {n: wanda_mask(skeleton.get_parameter(n), sq_norms[n], prune=counts[n], structure=nm)
-                for n in block.weight_names()}
+    method = method_named(config.method)
 
-    sequential_prune(streamed, calib.batches, make_masks, progress)
+    def prune_block(block: Block, stats: dict) -> dict:
+        return {n: method.prune_layer(skeleton.get_parameter(n), stats[n], counts[n], nm) for n in block.weight_names()}
+
+    sequential_prune(streamed, calib.batches, prune_block, new_stats=method.new_stats, progress=progress)
 
     ckpt_masks = {streamed.key_of[n]: bits for n, bits in streamed.masks.items()}
     matrices, groups, pruned_total, zero_total = [], [], 0, 0
@@ -340,7 +332,7 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
     record = {
-        "method": "wanda",
+        "method": config.method,
         "allocation": config.resolved_allocation(),
         "structure": config.structure,
         "scope": config.scope,

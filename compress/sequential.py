@@ -15,8 +15,9 @@ The loop (one for both towers, llm-compressor style), per tower:
    recording stubs; this yields each sample's input to the tower's first block
    (computed through the already-pruned earlier towers) and every block's
    other call arguments (masks, position embeddings, window ``cu_seqlens``);
-2. per block: materialise, "(k/n) Calibrating" with hooks collecting
-   ``||X_j||^2`` for every Linear, prune (Wanda per row or N:M), re-run the
+2. per block: materialise, "(k/n) Calibrating" with hooks feeding every
+   Linear's input to the method's statistics (Wanda: ``||X_j||^2``), prune
+   (``vlsparse.compress.methods``: Wanda per row or N:M), re-run the
    pruned block so the next block sees pruned outputs, release.
 """
 
@@ -31,7 +32,7 @@ from torch import nn
 
 from vlsparse.compress.checkpoint import CheckpointReader
 from vlsparse.compress.packed import pack_mask, unpack_mask
-from vlsparse.compress.wanda import update_sq_norm
+from vlsparse.compress.methods.wanda import new_stats as sq_norm_stats
 from vlsparse.errors import ModelLoadError
 
 Progress = Callable[[str], None]
@@ -256,7 +257,7 @@ def _resident(block: Block) -> bool:
 # ----------------------------------------------------------------------------- capture
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised by a hook to end a forward early once the inputs of interest are captured."""
 
 
@@ -302,14 +303,14 @@ def capture_tower(streamed: StreamedModel, tower: list[Block], inputs: dict) -> 
         return stub
 
     def stop(*_):
-        raise _StopForward
+        raise StopForward
 
     for block in tower:
         block.module.forward = make_stub(block)
     handle = tower[-1].module.register_forward_hook(stop)
     try:
         streamed.forward(inputs, skip=tuple(tower))
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         handle.remove()
@@ -331,15 +332,11 @@ def run_block(block: Block, hidden: torch.Tensor, call: BlockCall) -> torch.Tens
 
 
 @contextlib.contextmanager
-def input_norms(linears: dict[str, nn.Linear]) -> Iterator[dict[str, list]]:
-    """Hooks accumulating ``sum_t x_tj^2`` (fp32) and the token count for each Linear's input."""
-    stats: dict[str, list] = {name: [None, 0] for name in linears}
-    handles = []
-    for name, linear in linears.items():
-        def hook(module, args, name=name):
-            stats[name][0], stats[name][1] = update_sq_norm(stats[name][0], stats[name][1], args[0])
-
-        handles.append(linear.register_forward_pre_hook(hook))
+def layer_stats(linears: dict[str, nn.Linear], new_stats: Callable[[nn.Linear], object]) -> Iterator[dict]:
+    """Hooks feeding each Linear's input to its own collector ``new_stats(linear)`` (a method's ``.add(x)``)."""
+    stats = {name: new_stats(linear) for name, linear in linears.items()}
+    handles = [linear.register_forward_pre_hook(lambda module, args, s=stats[name]: s.add(args[0]))
+               for name, linear in linears.items()]
     try:
         yield stats
     finally:
@@ -362,13 +359,13 @@ def towers_of(blocks: list[Block]) -> list[list[Block]]:
 
 
 def sequential_prune(streamed: StreamedModel, batches: list[dict],
-                     make_masks: Callable[[Block, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                     prune_block: Callable[[Block, dict], dict], new_stats: Callable[[nn.Linear], object] = sq_norm_stats,
                      progress: Progress = lambda _: None) -> None:
     """Calibrate, prune and re-run every block in order (vision tower, projector, LM).
 
-    ``make_masks(block, sq_norms)`` returns a keep-mask per weight name from the
-    live (dense) weights and the accumulated ``||X_j||^2``; the masks are applied
-    to the block before it is re-run and kept (packed) in ``streamed.masks``.
+    Each Linear's input feeds a collector ``new_stats(linear)``; ``prune_block(block,
+    stats)`` returns a ``LayerUpdate`` per weight name from the live (dense) weights; the
+    masks are applied before the block is re-run and kept (packed) in ``streamed.masks``.
     """
     total = len(streamed.blocks)
     done = 0
@@ -382,14 +379,17 @@ def sequential_prune(streamed: StreamedModel, batches: list[dict],
                 progress(f"({done}/{total}) Calibrating {block.name}")
                 streamed.materialise(block)
                 try:
-                    with input_norms(block.linears) as stats:
+                    with layer_stats(block.linears, new_stats) as stats:
                         for h, c in zip(hidden, captured):
                             run_block(block, h, c.calls[j])
-                    missing = [n for n, (s, _) in stats.items() if s is None]
+                    missing = [n for n, s in stats.items() if not s.tokens]
                     if missing:
                         raise ModelLoadError(f"{missing[0]} did not run during calibration",
                                              "this model's layout is not supported for pruning")
-                    masks = make_masks(block, {f"{n}.weight": s for n, (s, _) in stats.items()})
+                    updates = prune_block(block, {f"{n}.weight": s for n, s in stats.items()})
+                    if any(u.weight is not None for u in updates.values()):  # SparseGPT-style: not wired yet
+                        raise NotImplementedError("weight updates are not yet carried into the streamed model")
+                    masks = {name: u.mask for name, u in updates.items()}
                     for name, mask in masks.items():
                         streamed.model.get_parameter(name).mul_(mask)
                     streamed.set_masks(masks)
@@ -397,25 +397,3 @@ def sequential_prune(streamed: StreamedModel, batches: list[dict],
                         hidden = [run_block(block, h, c.calls[j]) for h, c in zip(hidden, captured)]
                 finally:
                     streamed.release(block)
-
-
-def dense_input_norms(streamed: StreamedModel, batches: list[dict],
-                      progress: Progress = lambda _: None) -> dict[str, torch.Tensor]:
-    """``||X_j||^2`` of every prunable Linear's input over one dense streamed pass (OWL)."""
-    linears = {n: lin for b in streamed.blocks for n, lin in b.linears.items()}
-
-    def stop(*_):  # nothing after the last block matters here: skip the final norm and the logits
-        raise _StopForward
-
-    handle = streamed.blocks[-1].module.register_forward_hook(stop)
-    try:
-        with input_norms(linears) as stats:
-            for i, batch in enumerate(batches):
-                progress(f"({i + 1}/{len(batches)}) Dense pass for outlier ratios")
-                try:
-                    streamed.forward(batch)
-                except _StopForward:
-                    pass
-    finally:
-        handle.remove()
-    return {f"{n}.weight": s for n, (s, _) in stats.items() if s is not None}

@@ -120,17 +120,3 @@ def wanda_mask(weight: torch.Tensor, input_sq_norm: torch.Tensor, prune: int | N
         scores = wanda_scores(weight[start:end], input_sq_norm)
         keep[start:end] = nm_mask(scores, *structure) if structure is not None else row_mask(scores, counts[start:end])
     return keep
-
-
-def outlier_ratio(scores: list[torch.Tensor], m: float = 5.0) -> float:
-    """OWL's layer outlier distribution (LOD): share of all ``scores`` above ``m`` times their mean.
-
-    ``scores`` are the Wanda scores of every matrix in one block, taken together
-    (OWL, Yin et al. 2024, default M = 5).
-    """
-    total = sum(float(s.double().sum()) for s in scores)
-    count = sum(s.numel() for s in scores)
-    if count == 0:
-        return 0.0
-    cut = m * total / count
-    return sum(int((s > cut).sum()) for s in scores) / count

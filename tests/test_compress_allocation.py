@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from vlsparse.compress.allocation import fill_to_total, keep_total, owl, split_count, uniform, water_fill
+from vlsparse.compress.allocation import fill_to_total, keep_total, split_count, uniform, water_fill
+from vlsparse.compress.allocations.owl import owl
 
 
 def _random_case(rng):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from vlsparse.compress.wanda import (nm_mask, outlier_ratio, parse_structure, row_mask, row_prune_counts,
-                                     update_sq_norm, wanda_mask, wanda_scores)
+from vlsparse.compress.allocations.owl import outlier_ratio
+from vlsparse.compress.wanda import (nm_mask, parse_structure, row_mask, row_prune_counts, update_sq_norm, wanda_mask,
+                                     wanda_scores)
 from vlsparse.errors import InputError
 
 
