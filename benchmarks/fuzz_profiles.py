@@ -3,7 +3,7 @@
     python benchmarks/fuzz_profiles.py [--n 10000] [--seed 0] [--model PATH] [--show 5]
 
 Mutates a valid profile of a tiny random LLaVA (built in a temporary folder, as the tests
-do; or of ``--model``) with ``vlsparse.profile.fuzz`` (the mutator the tests use), loads
+do; or of ``--model``) with ``vlsparse.bench.profile_fuzz`` (the mutator the tests use), loads
 each case and, if it loads, runs a prefill and one decode step with the sparse runtime and
 the core runtime attached. Prints how many cases loaded and ran, how many were a
 ``ProfileError``, how many raised anything else (by exception type, with the first
@@ -42,7 +42,7 @@ def main() -> int:
     import torch
 
     from vlsparse.models import load
-    from vlsparse.profile.fuzz import PROFILE_ERROR, RAN, fuzz, prompt_inputs
+    from vlsparse.bench.profile_fuzz import PROFILE_ERROR, RAN, fuzz, prompt_inputs
 
     torch.set_num_threads(1)  # tiny matmuls: one thread is faster
     with tempfile.TemporaryDirectory(prefix="vlsparse-fuzz-") as tmp:

@@ -59,7 +59,7 @@ def e2e_command(
 ) -> None:
     import torch
 
-    from vlsparse.kernels.bench_e2e import bench_e2e, format_table
+    from vlsparse.bench.e2e import bench_e2e, format_table
 
     if threads:
         torch.set_num_threads(threads)

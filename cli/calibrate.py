@@ -130,11 +130,12 @@ def calibrate(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    from vlsparse.compress.core_calibrate import SCORE_RULES, calibrate_core, core_profile, parse_layers
+    from vlsparse.compress.core_calibrate import calibrate_core, core_profile, parse_layers
     from vlsparse.atomic import check_output
     from vlsparse.errors import InputError
     from vlsparse.models import load
     from vlsparse.profile import save_profile
+    from vlsparse.profile.core import SCORE_RULES
     from vlsparse.profile.locate import default_profile_path, locate_profile
     from vlsparse.search.calibration import calibration_from
 

@@ -146,8 +146,8 @@ def _demo_accuracy(loaded, task: str, n: int, seed: int, err: Console) -> dict:
 
 def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backend: str, err: Console) -> dict:
     """The same samples answered dense and with ``profile``'s sparse attention, taking turns per sample."""
+    from vlsparse.bench.timing import ForwardClock
     from vlsparse.demo.evaluate import evaluate_paired
-    from vlsparse.kernels.bench_e2e import ForwardClock
     from vlsparse.kernels.runtime import attach, detach, set_enabled
     from vlsparse.profile import load_profile
 

@@ -7,7 +7,7 @@ model forward:
   is swapped for a ``CoreMLP`` that shares its ``gate_proj``/``up_proj``/``down_proj``
   (the state dict keeps its keys). At prefill it runs dense, takes the prompt's
   activations ``a = act(gate(x)) * up(x)``, picks the sentence-wise core neurons K
-  (``vlsparse.compress.core``: token-wise top alpha of the active neurons, active =
+  (``vlsparse.kernels.core_select``: token-wise top alpha of the active neurons, active =
   ``|act(gate(x))|`` above the layer's CATS threshold, then the ``ceil(beta F)`` most
   frequent over at most ``sample_tokens`` evenly spaced prompt tokens) and copies the
   rows K of gate/up (stacked into one [2|K|, H] weight, so decoding makes one matmul
@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlsparse.compat import cache_length, cache_of_call
-from vlsparse.compress.core import (core_match_scores, evenly_spaced, select_core_tokens, sentence_core,
-                                    token_core_mask)
-from vlsparse.compress.core_calibrate import SCORE_RULES, CoreSettings
+from vlsparse.kernels.core_select import (core_match_scores, evenly_spaced, select_core_tokens, sentence_core,
+                                          token_core_mask)
+from vlsparse.profile.core import SCORE_RULES, CoreSettings
 
 
 @dataclass
@@ -348,8 +348,8 @@ def attach_profile_core(loaded, profile, neurons: bool = True, tokens: bool = Tr
 
     Checks that the profile was made for this model (one-line ``ProfileError`` otherwise).
     """
-    from vlsparse.compress.core_calibrate import core_settings
     from vlsparse.profile import check_profile_matches
+    from vlsparse.profile.core import core_settings
 
     if profile.core is None:
         return None

@@ -6,7 +6,7 @@ import shutil
 
 from PIL import Image
 
-from vlsparse.kernels.bench_e2e import E2E_CONFIGS, bench_e2e, format_table
+from vlsparse.bench.e2e import E2E_CONFIGS, bench_e2e, format_table
 from vlsparse.models import load
 from vlsparse.profile import AttentionProfile, HeadProfile, Profile, save_profile
 

@@ -10,11 +10,12 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from vlsparse.compress.core_calibrate import calibrate_core, core_settings
+from vlsparse.compress.core_calibrate import calibrate_core
 from vlsparse.errors import InputError
 from vlsparse.kernels.core_runtime import attach_core, detach_core
 from vlsparse.models import load
 from vlsparse.profile import Profile, load_profile, save_profile
+from vlsparse.profile.core import core_settings
 
 
 @pytest.fixture(scope="module")

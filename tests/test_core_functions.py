@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from vlsparse.compress.core import (core_match_scores, elbow_keep_count, histogram_quantile, keep_bounds,
-                                    log_bin_edges, magnitude_histogram, select_core_tokens, sentence_core,
-                                    token_core_mask)
-from vlsparse.compress.core_calibrate import (choose_token_candidate, core_settings, default_token_layers, longest_run,
-                                              parse_layers, prefill_cost)
+from vlsparse.compress.core import histogram_quantile, log_bin_edges, magnitude_histogram
+from vlsparse.compress.core_calibrate import (choose_token_candidate, default_token_layers, longest_run, parse_layers,
+                                              prefill_cost)
 from vlsparse.errors import InputError, ProfileError
+from vlsparse.kernels.core_select import (core_match_scores, elbow_keep_count, keep_bounds, select_core_tokens,
+                                          sentence_core, token_core_mask)
+from vlsparse.profile.core import core_settings
 
 CONVEX = [0.9, 0.85, 0.8, 0.75, 0.1, 0.08, 0.06, 0.05, 0.04, 0.03]  # four high scores, then a flat tail
 CONCAVE = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.9, 0.2, 0.1, 0.0]  # a high shoulder of seven, then a cliff

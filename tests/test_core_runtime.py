@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from vlsparse.compat import cache_layer_keys, cache_length, cache_of_call, cache_of_output
-from vlsparse.compress.core import mlp_activations
-from vlsparse.compress.core_calibrate import CoreSettings
 from vlsparse.kernels.core_runtime import CoreMLP, attach_core, detach_core
+from vlsparse.kernels.core_select import mlp_activations
 from vlsparse.models import load
+from vlsparse.profile.core import CoreSettings
 
 COLOURS = ["red", "blue", "green", "white", "black", "yellow"]
 

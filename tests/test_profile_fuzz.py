@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from vlsparse.profile import profile_to_dict
-from vlsparse.profile.fuzz import PROFILE_ERROR, RAN, base_profile, fuzz, make_case, prompt_inputs
+from vlsparse.bench.profile_fuzz import PROFILE_ERROR, RAN, base_profile, fuzz, make_case, prompt_inputs
 
 CASES = 300
 SEED = 0
@@ -54,7 +54,7 @@ def test_profile_fuzz_errors_are_one_line_and_parsing_is_fast(outcomes):
 
 def test_profile_fuzz_base_profile_loads_and_runs(loaded, tmp_path):
     from vlsparse.profile import save_profile
-    from vlsparse.profile.fuzz import FuzzCase, run_case
+    from vlsparse.bench.profile_fuzz import FuzzCase, run_case
 
     path = save_profile(base_profile(loaded.adapter.fingerprint()), tmp_path / "base.yaml")
     case = FuzzCase([], path.read_bytes(), path.with_suffix(".safetensors").read_bytes())

@@ -4,7 +4,7 @@ One package owns the profile: its schema and every section's (``schema``: the
 document, model fingerprint, calibration and attention section; the ``core`` and
 ``pruning`` sections beside it), the checks that make any malformed file one
 ``ProfileError`` (``checks``), and the rule that finds the profile a command uses
-(``locate``). ``fuzz`` holds the mutator behind the fuzz test and benchmark.
+(``locate``). The fuzz mutator that tests the loader is ``vlsparse.bench.profile_fuzz``.
 """
 
 from vlsparse.profile.schema import (PATTERN_BUDGETS, PATTERNS, PROFILE_VERSION, AttentionProfile, Calibration,

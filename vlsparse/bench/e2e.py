@@ -13,8 +13,9 @@ Configurations (``E2E_CONFIGS``), all on the same model and prompts:
   --model CHECKPOINT`` writes, else its own ``vlsparse.yaml``) where it has them, else the
   main profile's.
 
-Per configuration, timed by forward hooks on the model (the first forward of a
-generation, with an empty KV cache, is the prefill; every later one a decode step):
+Per configuration, timed by forward hooks on the model (``vlsparse.bench.timing.ForwardClock``:
+the first forward of a generation, with an empty KV cache, is the prefill; every later
+one a decode step):
 
 - ``accuracy`` (``ci95``, ``accuracy_delta`` against dense): ``evaluate`` (default
   ``vlsparse.demo.evaluate.evaluate``) on ``n`` held-out samples of ``task`` from ``seed``;
@@ -35,49 +36,16 @@ generation, with an empty KV cache, is the prefill; every later one a decode ste
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlsparse.compat import cache_length, cache_nbytes, cache_of_call, cache_of_output
+from vlsparse.bench.timing import ForwardClock
 from vlsparse.rss import RssPeak
 
 E2E_CONFIGS = ("dense", "sparse_attention", "core_tokens", "core_neurons", "combined")
-_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
-
-
-@dataclass
-class ForwardClock:
-    """Times every forward of a model: prefills (empty cache) and decode steps; keeps the first prompts."""
-
-    keep_prompts: int = 0
-    prefill_s: list[float] = field(default_factory=list)
-    decode_s: list[float] = field(default_factory=list)
-    prompts: list[dict] = field(default_factory=list)
-    kv_bytes: int = 0
-    _start: float = 0.0
-    _prefill: bool = False
-
-    def pre(self, module, args, kwargs) -> None:
-        self._prefill = cache_length(cache_of_call(kwargs)) == 0
-        if self._prefill and len(self.prompts) < self.keep_prompts:
-            self.prompts.append({k: kwargs[k].clone() for k in _INPUT_KEYS if isinstance(kwargs.get(k), torch.Tensor)})
-        self._start = time.perf_counter()
-
-    def post(self, module, args, kwargs, output) -> None:
-        elapsed = time.perf_counter() - self._start
-        (self.prefill_s if self._prefill else self.decode_s).append(elapsed)
-        cache = cache_of_output(output)
-        if cache is not None:
-            self.kv_bytes = cache_nbytes(cache)
-
-    def attach(self, model) -> list:
-        return [model.register_forward_pre_hook(self.pre, with_kwargs=True),
-                model.register_forward_hook(self.post, with_kwargs=True)]
 
 
 def _generate(loaded, inputs: dict, new_tokens: int) -> None:
@@ -133,9 +101,9 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
     round-robin ``repeats`` times after one untimed round, so a drifting machine load hits
     them alike.
     """
-    from vlsparse.compress.core_calibrate import core_settings as parse_core
     from vlsparse.errors import InputError
     from vlsparse.models import load
+    from vlsparse.profile.core import core_settings as parse_core
     from vlsparse.profile.locate import locate_profile
 
     unknown = [c for c in configs if c not in E2E_CONFIGS]
