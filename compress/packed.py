@@ -14,7 +14,8 @@ Layout of a packed folder (config, tokenizer and processor files as usual)::
                                       ``KEY::values`` (1-D) and ``KEY::mask`` (uint8 bits, LSB first)
 
 ``packed_index.json`` maps every original checkpoint key to its file, dtype,
-shape and whether it is packed. ``unpack_state_dict`` restores the exact dense
+shape and whether it is packed. The reader (vlsparse/models/packed_reader.py):
+``unpack_state_dict`` restores the exact dense
 tensors under their original checkpoint names; ``load_packed`` builds the model.
 """
 
@@ -27,13 +28,8 @@ from pathlib import Path
 
 import torch
 
-from vlsparse.errors import ModelLoadError
-from vlsparse.safetensors_header import read_header
-
-PACKED_INDEX = "packed_index.json"
-PACKED_FORMAT = "vlsparse-packed"
-PACKED_VERSION = 1
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+from vlsparse.models.packed_reader import (BIT_WEIGHTS, PACKED_FORMAT, PACKED_INDEX, PACKED_VERSION,  # noqa: F401
+                                           is_packed, unpack_mask, unpack_state_dict)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -42,22 +38,13 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+    return (flat.reshape(-1, 8) * BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
 
 
 def count_kept(packed: torch.Tensor) -> int:
     """Number of set bits (kept weights) in a packed mask (padding bits are zero)."""
     table = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
     return int(table[packed.long()].sum())
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """Inverse of ``pack_mask``: the bool mask of ``shape``."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)[:numel]
-    return bits.reshape(tuple(shape))
 
 
 def _write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...], int, Callable[[], bytes]]],
@@ -119,63 +106,6 @@ def write_packed_checkpoint(reader, out_dir: Path, masks: dict[str, torch.Tensor
     (out_dir / PACKED_INDEX).write_text(json.dumps(
         {"format": PACKED_FORMAT, "version": PACKED_VERSION, "tensors": index}, indent=1, sort_keys=True))
     return files
-
-
-def is_packed(folder: str | Path) -> bool:
-    """True if ``folder`` holds a checkpoint written by ``vlsparse prune --pack``."""
-    path = Path(folder) / PACKED_INDEX
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("format") == PACKED_FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return False
-
-
-def _read_index(folder: Path) -> dict:
-    try:
-        index = json.loads((folder / PACKED_INDEX).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{folder / PACKED_INDEX} is unreadable", "re-run `vlsparse prune --pack`") from exc
-    if index.get("format") != PACKED_FORMAT or index.get("version") != PACKED_VERSION:
-        raise ModelLoadError(f"{folder} is not a version-{PACKED_VERSION} vlsparse packed checkpoint",
-                             "re-run `vlsparse prune --pack` with this version")
-    return index
-
-
-def unpack_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The dense tensors of a packed checkpoint, under their original checkpoint names."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    index = _read_index(folder)
-    from vlsparse.compress.checkpoint import DTYPE_NAMES
-
-    by_file: dict[str, list[str]] = {}
-    for key, entry in index["tensors"].items():
-        by_file.setdefault(entry["file"], []).append(key)
-    out: dict[str, torch.Tensor] = {}
-    for file, keys in sorted(by_file.items()):
-        read_header(folder / file)  # a damaged shard is one line naming what is wrong, before it is read
-        try:
-            stored = load_file(str(folder / file))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ModelLoadError(f"{folder / file} is missing or unreadable", "re-run `vlsparse prune --pack`") from exc
-        for key in keys:
-            entry = index["tensors"][key]
-            shape = tuple(entry["shape"])
-            if not entry["packed"]:
-                out[key] = stored.pop(key)
-                continue
-            mask = unpack_mask(stored.pop(f"{key}::mask"), shape)
-            values = stored.pop(f"{key}::values")
-            if int(mask.sum()) != values.numel():
-                raise ModelLoadError(f"{file}: {key} has {values.numel()} values for {int(mask.sum())} kept weights",
-                                     "the file is corrupt; re-run `vlsparse prune --pack`")
-            dense = torch.zeros(shape, dtype=DTYPE_NAMES[entry["dtype"]])
-            dense[mask] = values
-            out[key] = dense
-    return out
 
 
 def load_packed(folder: str | Path, dtype: torch.dtype = torch.float32):

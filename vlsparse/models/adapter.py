@@ -127,6 +127,12 @@ class Adapter:
     def mlp(layer: nn.Module) -> nn.Module:
         return layer.mlp
 
+    @classmethod
+    def mlp_projections(cls, layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The (gate, up, down) projections of a layer's MLP."""
+        mlp = cls.mlp(layer)
+        return mlp.gate_proj, mlp.up_proj, mlp.down_proj
+
     # -- head geometry ---------------------------------------------------------------
     @property
     def num_layers(self) -> int:

@@ -14,8 +14,10 @@ from safetensors import SafetensorError
 from vlsparse.errors import InputError, ModelLoadError
 from vlsparse.memory import LOAD_MARGIN, LOAD_OVERHEAD, check_fits, parameter_count
 from vlsparse.models.adapter import Adapter, family_of
+from vlsparse.models.packed_reader import is_packed, unpack_state_dict
 from vlsparse.models.processors import load_processor, prepare_inputs
-from vlsparse.models.source import check_model_folder, check_weight_files, resolve_model_folder, resolved_config
+from vlsparse.models.source import (check_model_folder, check_weight_files, model_name, resolve_model_folder,
+                                    resolved_config)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -66,8 +68,6 @@ def model_class(family: str):
 def _from_pretrained(cls, folder: Path, kwargs: dict):
     """(model, loading info) by stock ``from_pretrained``; a ``vlsparse prune --pack`` folder is unpacked
     by our own reader first."""
-    from vlsparse.compress.packed import is_packed, unpack_state_dict
-
     kwargs = {**kwargs, "output_loading_info": True}
     if not is_packed(folder):
         return cls.from_pretrained(folder, **kwargs)
@@ -85,8 +85,6 @@ def check_weights_fit(folder: Path, name: str, config: dict, tensors: dict, dtyp
     Parameters: the larger of the config's count (what transformers builds, defaults included)
     and the checkpoint's tensors; a packed checkpoint is held twice (unpacked state dict + model).
     """
-    from vlsparse.compress.packed import is_packed
-
     parameters = max(parameter_count(config), sum(t.numel for t in tensors.values()))
     copies = 2 if is_packed(folder) else 1
     need = int(parameters * dtype.itemsize * copies * LOAD_MARGIN) + LOAD_OVERHEAD
@@ -125,7 +123,7 @@ def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", a
     tensors = check_weight_files(folder)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    name = "demo" if str(model) == "demo" else folder.name
+    name = model_name(model, folder)
     check_weights_fit(folder, name, resolved_config(folder, trust_remote_code), tensors, torch_dtype)
     processor = load_processor(folder, family, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,

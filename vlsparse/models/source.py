@@ -53,6 +53,11 @@ def resolve_model_folder(model: str | Path) -> Path:
     raise ModelLoadError(f"model folder {text} not found", "check the path, or pass `demo` for the embedded model")
 
 
+def model_name(model: str | Path, folder: Path) -> str:
+    """The name a loaded model goes by: ``demo`` for the embedded model, else its folder's name."""
+    return "demo" if str(model) in DEMO_NAMES else folder.name
+
+
 def _download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
