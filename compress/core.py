@@ -65,16 +65,20 @@ def histogram_quantile(counts: Tensor, edges: Tensor, q: float) -> float:
 # ----------------------------------------------------------------------------- calibration measures
 
 
-def sliced_output_error(mlp, x: Tensor, core: Tensor) -> Tensor:
+def sliced_output_error(mlp, x: Tensor, core: Tensor, adapter=None) -> Tensor:
     """Relative error of the core-neuron FFN against the dense one, per token: [T].
 
     ``||down(a ⊙ 1[K]) - down(a)|| / ||down(a)||`` for x: [T, H] and core K (indices).
+    ``adapter`` (the model's adapter; default the base ``Adapter``) names the MLP's projections.
     """
+    from vlsparse.models.adapter import Adapter
+
+    _, _, down = (adapter or Adapter).projections_of(mlp)
     _, act = mlp_activations(mlp, x)
-    dense = mlp.down_proj(act)
+    dense = down(act)
     kept = torch.zeros_like(act)
     kept[..., core] = act[..., core]
-    sliced = mlp.down_proj(kept)
+    sliced = down(kept)
     return (sliced - dense).norm(dim=-1) / dense.norm(dim=-1).clamp(min=1e-12)
 
 

@@ -114,14 +114,16 @@ class CoreRuntime:
 class CoreMLP(nn.Module):
     """A gated MLP that decodes with the prompt's core neurons (see the module docstring).
 
-    Shares ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` with the MLP it
-    replaces. ``slice_neurons=False`` (the token layer outside the neuron range) only
-    records prefill activations for token scoring.
+    Shares the (gate, up, down) projections (``projections``, as the adapter's
+    ``mlp_projections(layer)`` names them) and ``act_fn`` with the MLP it replaces.
+    ``slice_neurons=False`` (the token layer outside the neuron range) only records
+    prefill activations for token scoring.
     """
 
-    def __init__(self, mlp: nn.Module, layer: int, runtime: CoreRuntime, slice_neurons: bool) -> None:
+    def __init__(self, mlp: nn.Module, projections: tuple[nn.Module, nn.Module, nn.Module], layer: int,
+                 runtime: CoreRuntime, slice_neurons: bool) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.gate_proj, self.up_proj, self.down_proj = projections
         self.act_fn = mlp.act_fn
         self.layer = layer
         self.slice_neurons = slice_neurons
@@ -332,7 +334,8 @@ def attach_core(loaded, settings: CoreSettings, neurons: bool = True, tokens: bo
     for index in sorted(wanted):
         layer = layers[index]
         original = adapter.mlp(layer)
-        layer.mlp = CoreMLP(original, index, runtime, slice_neurons=runtime.neurons and index in settings.neuron_layers)
+        layer.mlp = CoreMLP(original, adapter.mlp_projections(layer), index, runtime,
+                            slice_neurons=runtime.neurons and index in settings.neuron_layers)
         runtime.swapped.append((layer, original))
     runtime.handles.append(loaded.model.register_forward_pre_hook(_prompt_hook(runtime, adapter), with_kwargs=True))
     if runtime.tokens:

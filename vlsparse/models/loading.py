@@ -11,11 +11,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from vlsparse.errors import InputError, ModelLoadError
+from vlsparse.errors import InputError, ModelLoadError, param
 from vlsparse.memory import LOAD_MARGIN, LOAD_OVERHEAD, check_fits, parameter_count
-from vlsparse.models.adapter import Adapter, family_of
+from vlsparse.models.families import Adapter, family_for, family_named
 from vlsparse.models.packed_reader import is_packed, unpack_state_dict
-from vlsparse.models.processors import load_processor, prepare_inputs
 from vlsparse.models.source import (check_model_folder, check_weight_files, model_name, resolve_model_folder,
                                     resolved_config)
 
@@ -37,7 +36,7 @@ class LoadedModel:
 
     def prepare(self, images: list, question: str):
         """Processed inputs on the model's device."""
-        return prepare_inputs(self.processor, self.adapter.family, images, question).to(self.device)
+        return self.adapter.prepare(self.processor, images, question).to(self.device)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -46,7 +45,7 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InputError(f"unknown device {device!r}", "use auto, cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available", "use --device cpu")
+        raise InputError(f"{param('device', 'cuda')} was asked for but no CUDA GPU is available", f"use {param('device', 'cpu')}")
     return torch.device(device)
 
 
@@ -60,9 +59,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def model_class(family: str):
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    return AutoModelForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
+    """The transformers auto class that builds models of the family named ``family``."""
+    return family_named(family).auto_model_class()
 
 
 def _from_pretrained(cls, folder: Path, kwargs: dict):
@@ -91,7 +89,7 @@ def check_weights_fit(folder: Path, name: str, config: dict, tensors: dict, dtyp
     count = f"{parameters / 1e9:.1f} billion" if parameters >= 1e9 else f"{parameters / 1e6:.1f} million"
     hint = "use a smaller model or a machine with more memory"
     if dtype.itemsize > 2:
-        hint = "use --dtype bfloat16 (half the memory), a smaller model, or a machine with more memory"
+        hint = f"use {param('dtype', 'bfloat16')} (half the memory), a smaller model, or a machine with more memory"
     check_fits(need, f"loading {name} ({count} parameters as {str(dtype).removeprefix('torch.')})", hint,
                error=ModelLoadError)
 
@@ -119,19 +117,19 @@ def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", a
     """
     folder = resolve_model_folder(model)
     config = check_model_folder(folder, allow_pickle=allow_pickle)
-    family = family_of(config)
+    family = family_for(config)
     tensors = check_weight_files(folder)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     name = model_name(model, folder)
     check_weights_fit(folder, name, resolved_config(folder, trust_remote_code), tensors, torch_dtype)
-    processor = load_processor(folder, family, trust_remote_code=trust_remote_code)
+    processor = family.load_processor(folder, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "use_safetensors": not allow_pickle or None}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        net, info = _from_pretrained(model_class(family), folder, kwargs)
+        net, info = _from_pretrained(family.auto_model_class(), folder, kwargs)
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(f"the pickle weights in {folder} hold objects other than tensors, which safe "
                              "(weights-only) loading refuses",
@@ -142,5 +140,5 @@ def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", a
                              "check that the folder was saved completely with save_pretrained") from exc
     check_missing_weights(folder, info)
     net = net.to(torch_device).eval()
-    return LoadedModel(model=net, processor=processor, adapter=Adapter(net, family, name=name), name=name,
+    return LoadedModel(model=net, processor=processor, adapter=family(net, name=name), name=name,
                        path=folder, device=torch_device, dtype=torch_dtype)

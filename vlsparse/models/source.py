@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from vlsparse.errors import ModelLoadError
+from vlsparse.errors import ModelLoadError, param
 from vlsparse.safetensors_header import TensorEntry
 
 DEMO_NAMES = ("demo",)
@@ -91,7 +91,7 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> dict:
         if has_pickle and not allow_pickle:
             raise ModelLoadError(
                 f"{path} has only pickle weights (.bin/.pt), which can run arbitrary code when loaded",
-                "convert them to safetensors, or pass --allow-pickle if you trust the source",
+                f"convert them to safetensors, or pass {param('allow_pickle')} if you trust the source",
             )
         if not has_pickle:
             raise ModelLoadError(f"{path} has no weight files (*.safetensors)", "check that the download completed")
@@ -138,14 +138,13 @@ def check_config(config, config_file: Path) -> None:
 
 
 def _check_sub_configs(config: dict, config_file: Path) -> None:
-    from vlsparse.models.adapter import VLM_FAMILIES
+    from vlsparse.models.families import registry
 
     model_type = config.get("model_type", "")
-    if model_type not in VLM_FAMILIES:
+    family = registry().get(model_type)
+    if family is None:
         return
-    missing = [key for key in _SUB_CONFIGS if not isinstance(config.get(key), dict)]
-    if "text_config" in missing and model_type.startswith("qwen") and "hidden_size" in config:
-        missing.remove("text_config")  # Qwen2-VL configs may keep the language model's settings at the top level
+    missing = [key for key in family.required_sub_configs(config) if not isinstance(config.get(key), dict)]
     if missing:
         part = "language model" if missing[0] == "text_config" else "vision tower"
         raise ModelLoadError(
