@@ -50,7 +50,7 @@ def attention_command(
     import torch
 
     from vlsparse.errors import InputError
-    from vlsparse.kernels.bench import BENCH_PATTERNS, bench_attention, format_table
+    from vlsparse.bench.attention import BENCH_PATTERNS, bench_attention, format_table
 
     chosen = [p.strip() for p in patterns.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in BENCH_PATTERNS]

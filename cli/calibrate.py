@@ -158,8 +158,8 @@ def calibrate(
         n_layers = loaded.adapter.num_layers
         out_path = Path(out) if out else default_profile_path(loaded.name)
         check_output(out_path, force=force, inputs=[*inputs, loaded.path])
-        neuron_span = parse_layers(neuron_layers, n_layers, "neuron-layers")
-        token_span = parse_layers(token_layers, n_layers, "token-layers")
+        neuron_span = parse_layers(neuron_layers, n_layers, "neuron_layers")
+        token_span = parse_layers(token_layers, n_layers, "token_layers")
         keep_guards = parse_fractions(max_keep, "max-keep", "0.25,0.5")
         base_path, base = locate_profile(loaded.path, loaded.name, loaded.adapter.fingerprint(), profile, note=say)
         calibration = calibration_from(loaded, calib, samples=samples, seq_len=seq_len, seed=seed)

@@ -20,7 +20,8 @@ def fail(message: str) -> "typer.Exit":
 
 
 def friendly_errors(command):
-    """Decorator for CLI commands: typed errors become `Error: <what> — <next step>`, exit 1."""
+    """Decorator for CLI commands: typed errors become `Error: <what> — <next step>`, exit 1; the parameters
+    an error names are spelled as this command line's flags (``ratio`` -> ``--ratio``)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -29,7 +30,7 @@ def friendly_errors(command):
         except VlsparseError as exc:
             if debug_enabled():
                 raise
-            raise fail(exc.one_line()) from None
+            raise fail(exc.one_line(flags=True)) from None
         except MemoryError:
             if debug_enabled():
                 raise

@@ -62,12 +62,12 @@ def inspect(
 
     if png:
         from vlsparse.atomic import check_output
-        from vlsparse.errors import InputError
+        from vlsparse.errors import InputError, param
         from vlsparse.profile import sidecar_path
 
         if Path(png).suffix != ".png":
             raise InputError(f"--png {png} should end in .png", "e.g. --png heads.png")
-        check_output(png, force=force, inputs=[profile_path, sidecar_path(profile_path)], option="--png")
+        check_output(png, force=force, inputs=[profile_path, sidecar_path(profile_path)], option=param("png"))
     profile = load_profile(profile_path)
     if profile.attention is None:
         raise ProfileError(f"profile {profile_path} has no attention section", "run `vlsparse profile` to make one")

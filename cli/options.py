@@ -20,9 +20,9 @@ CalibOpt = Annotated[
     Optional[str],
     typer.Option("--calib", show_default=False,
                  help="Calibration data: JSONL, one {\"images\": [...], \"prompt\": ...} (or \"image\") or "
-                      "{\"text\": ...} per line, paths relative to the file; profile and calibrate also take a "
-                      ".txt file, a folder of them, or demo:multi / demo:grid (one demo task only) "
-                      "[default: demo scenes (demo:multi+grid) for VLMs, pydoc text for LMs]."),
+                      "{\"text\": ...} per line, paths relative to the file; a .txt file or a folder of them "
+                      "(prune: text models only); profile and calibrate also take demo:multi / demo:grid (one "
+                      "demo task only) [default: demo scenes for VLMs, pydoc text for LMs]."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]

@@ -51,7 +51,7 @@ Examples:
 def _check_outputs(out: Path, png: str | None, no_png: bool, force: bool, inputs: list) -> None:
     """The profile, its sidecar and its figure: free (or replaceable with --force), and none of them an input."""
     from vlsparse.atomic import check_output
-    from vlsparse.errors import InputError
+    from vlsparse.errors import InputError, param
     from vlsparse.profile import sidecar_path
 
     check_output(out, force=force, inputs=inputs)
@@ -60,7 +60,7 @@ def _check_outputs(out: Path, png: str | None, no_png: bool, force: bool, inputs
         figure = Path(png) if png else out.with_suffix(".png")
         if figure.resolve() == out.resolve():
             raise InputError("--png and --out name the same file", "give the figure its own .png path")
-        check_output(figure, force=force, inputs=inputs, option="--png")
+        check_output(figure, force=force, inputs=inputs, option=param("png"))
 
 
 @friendly_errors

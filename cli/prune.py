@@ -12,6 +12,9 @@ from rich.table import Table
 from vlsparse.cli.errors import friendly_errors
 from vlsparse.cli.options import CalibOpt, ForceOpt, JsonOpt, ModelArg, ModelOpt, QuietOpt, SeedOpt
 from vlsparse.cli.quiet import quiet_transformers
+from vlsparse.compress.allocations import DEFAULT as DEFAULT_ALLOCATION
+from vlsparse.compress.allocations import NAMES as ALLOCATIONS
+from vlsparse.compress.allocations import STRUCTURED as NM_ALLOCATION
 
 HELP = """Prune the Linear weights of both towers and the projector, and write a checkpoint folder.
 
@@ -73,7 +76,8 @@ def prune(
     method: Annotated[str, typer.Option("--method", help="Pruning method for each layer (registered: wanda).")
                       ] = "wanda",
     allocation: Annotated[Optional[str], typer.Option(
-        "--allocation", help="ecoflap, owl or uniform [default: ecoflap; uniform with N:M].",
+        "--allocation", help=f"{', '.join(ALLOCATIONS[:-1])} or {ALLOCATIONS[-1]} [default: {DEFAULT_ALLOCATION}; "
+                             f"{NM_ALLOCATION} with N:M].",
         show_default=False)] = None,
     structure: Annotated[str, typer.Option("--structure", help="unstructured, 2:4 or 4:8 (N:M needs --ratio 0.5).")
                          ] = "unstructured",

@@ -5,29 +5,14 @@
 
 Steps: check every argument and the output path (before any work); build the
 model on the meta device and load its stem; build calibration batches; choose
-per-block keep counts (ECoFLaP water-filling, OWL or uniform; N:M is uniform by
-construction); run the sequential loop with the --method (Wanda); write a plain Hugging Face folder
-(or a packed one) atomically, with ``vlsparse.yaml`` recording the run.
+per-block keep counts with the ``allocation`` policy (ECoFLaP water-filling, OWL or
+uniform; N:M is uniform by construction); run the sequential loop with the pruning
+``method`` (Wanda); write a plain Hugging Face folder (or a packed one) atomically,
+with ``vlsparse.yaml`` recording the run.
 
-``pruning:`` section of ``vlsparse.yaml`` (schema owned here)::
-
-    method: wanda                 # the fine step; compared per output row (or N:M)
-    allocation: ecoflap           # ecoflap | owl | uniform
-    structure: unstructured       # unstructured | 2:4 | 4:8
-    scope: global                 # global | per-tower (budget split between vision side and LM)
-    ratio: 0.5                    # asked-for sparsity over all pruned matrices
-    achieved: 0.5                 # measured over the masks
-    max_deviation: 0.1            # every group's sparsity within ratio +- this
-    pruned_params: 123456         # weights in the pruned matrices
-    packed: false
-    calibration: {source: demo:vqa, samples: 32, seq_len: 61, seed: 0, tokens: 1952}
-    ecoflap: {epsilon: 0.001, draws: 1, samples: 8, seed: 0}   # or owl: {m: 5.0, lam: 0.08}
-    source: {model: demo, path: /abs/path}
-    run: {seconds: 12.3, peak_rss_mb: 512.0, start_rss_mb: 400.0, model_mb: 80.0}
-    groups:                       # one per block, execution order
-    - {group: vision.0, tower: vision, params: 8192, keep: 4100, sparsity: 0.4995, score: 1.2e-06}
-    matrices:                     # one per pruned weight (checkpoint names)
-    - {name: ..., group: vision.0, shape: [32, 32], sparsity: 0.5}
+The ``pruning:`` section it records is ``vlsparse.profile.pruning`` (the schema lives there);
+the allocation policies are ``vlsparse.compress.allocations``, the pruning methods
+``vlsparse.compress.methods``.
 """
 
 from __future__ import annotations
@@ -40,18 +25,17 @@ from pathlib import Path
 
 import torch
 
-from vlsparse.compress import allocation as alloc
-from vlsparse.compress.calibration import TEXT_BATCH, build_calibration, take_samples
+from vlsparse.compress.allocations import DEFAULT, STRUCTURED, allocation_named
+from vlsparse.compress.allocations.fill import split_count
+from vlsparse.compress.calibration import TEXT_BATCH, build_calibration
 from vlsparse.compress.checkpoint import (PROFILE_NAME, CheckpointReader, check_output, copy_side_files, dir_size,
                                           write_pruned_checkpoint)
-from vlsparse.compress.ecoflap import zeroth_order_scores
-from vlsparse.rss import current_rss_mb, peak_rss_mb, reset_peak_rss
-from vlsparse.compress.packed import unpack_mask, write_packed_checkpoint
-from vlsparse.compress.allocations import owl as owl_method
-from vlsparse.compress.sequential import Block, Progress, StreamedModel, build_skeleton, find_blocks, sequential_prune
 from vlsparse.compress.methods import method_named
+from vlsparse.compress.packed import unpack_mask, write_packed_checkpoint
+from vlsparse.compress.sequential import Block, Progress, StreamedModel, build_skeleton, find_blocks, sequential_prune
 from vlsparse.compress.wanda import parse_structure
-from vlsparse.errors import InputError, ProfileError
+from vlsparse.errors import InputError, ProfileError, param
+from vlsparse.rss import current_rss_mb, peak_rss_mb, reset_peak_rss
 
 SCOPES = ("global", "per-tower")
 
@@ -60,10 +44,11 @@ SCOPES = ("global", "per-tower")
 class PruneConfig:
     """What ``vlsparse prune`` does; every field has the CLI flag of the same name.
 
-    ``allocation=None`` means ecoflap for unstructured sparsity and uniform for
-    N:M (which fixes every matrix at N/M). ``ecoflap_samples`` calibration
-    batches feed the zeroth-order scores (each costs ``2 * groups * draws``
-    streamed forwards); ``samples`` feed Wanda and OWL.
+    ``allocation=None`` means ``allocations.DEFAULT`` (ecoflap) for unstructured
+    sparsity and ``allocations.STRUCTURED`` (uniform) for N:M (which fixes every
+    matrix at N/M). ``ecoflap_samples`` calibration batches feed the zeroth-order
+    scores (each costs ``2 * groups * draws`` streamed forwards); ``samples`` feed
+    Wanda and OWL. Errors name the fields (``ratio``); the CLI prints them as flags.
     """
 
     ratio: float = 0.5
@@ -88,36 +73,35 @@ class PruneConfig:
     def resolved_allocation(self) -> str:
         if self.allocation is not None:
             return self.allocation
-        return "uniform" if parse_structure(self.structure) else "ecoflap"
+        return STRUCTURED if parse_structure(self.structure) else DEFAULT
 
     def validate(self) -> None:
         """Raise a one-line ``InputError`` for any bad combination."""
         if not 0.0 < self.ratio < 1.0:
-            raise InputError(f"--ratio must be between 0 and 1 (exclusive), got {self.ratio}",
-                             "e.g. --ratio 0.5 prunes half of the weights")
+            raise InputError(f"{param('ratio')} must be between 0 and 1 (exclusive), got {self.ratio}",
+                             f"e.g. {param('ratio', 0.5)} prunes half of the weights")
         method_named(self.method)
         nm = parse_structure(self.structure)
         if nm and abs(self.ratio - nm[0] / nm[1]) > 1e-9:
-            raise InputError(f"--structure {self.structure} prunes exactly {nm[0]}/{nm[1]} of every row, "
-                             f"so it needs --ratio {nm[0] / nm[1]:g}, not {self.ratio:g}",
-                             f"use --ratio {nm[0] / nm[1]:g} or --structure unstructured")
-        if self.allocation is not None and self.allocation not in alloc.ALLOCATIONS:
-            raise InputError(f"unknown --allocation {self.allocation!r}", "use ecoflap, owl or uniform")
-        if nm and self.resolved_allocation() != "uniform":
-            raise InputError(f"--structure {self.structure} fixes every matrix at {nm[0]}/{nm[1]}, so it cannot "
-                             f"follow a per-layer --allocation {self.allocation}",
-                             "use --allocation uniform (the default with N:M)")
+            raise InputError(f"{param('structure', self.structure)} prunes exactly {nm[0]}/{nm[1]} of every row, "
+                             f"so it needs {param('ratio', f'{nm[0] / nm[1]:g}')}, not {self.ratio:g}",
+                             f"use {param('ratio', f'{nm[0] / nm[1]:g}')} or {param('structure', 'unstructured')}")
+        if self.allocation is not None:
+            allocation_named(self.allocation)
+        if nm and self.resolved_allocation() != STRUCTURED:
+            raise InputError(f"{param('structure', self.structure)} fixes every matrix at {nm[0]}/{nm[1]}, so it "
+                             f"cannot follow a per-layer {param('allocation', self.allocation)}",
+                             f"use {param('allocation', STRUCTURED)} (the default with N:M)")
         if self.scope not in SCOPES:
-            raise InputError(f"unknown --scope {self.scope!r}", "use global or per-tower")
+            raise InputError(f"unknown {param('scope')} {self.scope!r}", f"use {' or '.join(SCOPES)}")
         if not 0.0 <= self.max_deviation < 1.0:
-            raise InputError(f"--max-deviation must be in [0, 1), got {self.max_deviation}")
-        for name, value in (("samples", self.samples), ("seq-len", self.seq_len), ("draws", self.draws),
-                            ("ecoflap-samples", self.ecoflap_samples)):
-            if value < 1:
-                raise InputError(f"--{name} must be at least 1, got {value}")
+            raise InputError(f"{param('max_deviation')} must be in [0, 1), got {self.max_deviation}")
+        for name in ("samples", "seq_len", "draws", "ecoflap_samples"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{param(name)} must be at least 1, got {getattr(self, name)}")
         if not (math.isfinite(self.epsilon) and 0 < self.epsilon <= 1):
-            raise InputError(f"--epsilon must be a finite number in (0, 1], got {self.epsilon}",
-                             "e.g. --epsilon 1e-3 (the ECoFLaP default)")
+            raise InputError(f"{param('epsilon')} must be a finite number in (0, 1], got {self.epsilon}",
+                             f"e.g. {param('epsilon', '1e-3')} (the ECoFLaP default)")
 
 
 @dataclass
@@ -198,33 +182,18 @@ def _allocation_towers(blocks: list[Block], scope: str) -> list[list[int]]:
     return [t for t in (vision, lm) if t]
 
 
-def allocate(streamed: StreamedModel, batches: list[dict], config: PruneConfig,
-             progress: Progress) -> tuple[list[int], list[float] | None, dict]:
-    """(keep count per block, score per block or None, record for the profile)."""
+def allocate(streamed: StreamedModel, batches: list[dict], config: PruneConfig, progress: Progress,
+             table: dict | None = None) -> tuple[list[int], list[float] | None, dict]:
+    """(keep count per block, score per block or None, the policy's record for the profile), by the
+    ``config.allocation`` policy of ``table`` (default: the registry, ``vlsparse.compress.allocations``)."""
+    policy = allocation_named(config.resolved_allocation(), table)
     blocks = streamed.blocks
     sizes = [b.size() for b in blocks]
-    method = config.resolved_allocation()
-    scores: list[float] | None = None
-    record: dict = {}
-    if method == "ecoflap":
-        scoring = take_samples(batches, config.ecoflap_samples)
-        result = zeroth_order_scores(streamed, scoring, config.epsilon, config.draws, config.seed, progress)
-        scores = result.per_weight
-        record = {"ecoflap": {"epsilon": config.epsilon, "draws": config.draws,
-                              "samples": sum(b["input_ids"].shape[0] for b in scoring), "seed": config.seed}}
-    elif method == "owl":
-        norms = owl_method.dense_input_norms(streamed, batches, progress)
-        scores = owl_method.outlier_ratios(streamed, norms, config.owl_m)
-        record = {"owl": {"m": config.owl_m, "lam": config.owl_lambda}}
+    scores, record = policy.scores(streamed, batches, config, progress)
     keeps = [0] * len(blocks)
     for tower in _allocation_towers(blocks, config.scope):
-        sub = [sizes[i] for i in tower]
-        if method == "ecoflap":
-            got = alloc.water_fill(sub, [scores[i] for i in tower], config.ratio, config.max_deviation)
-        elif method == "owl":
-            got = owl_method.owl(sub, [scores[i] for i in tower], config.ratio, config.max_deviation, config.owl_lambda)
-        else:
-            got = alloc.uniform(sub, config.ratio)
+        got = policy.keep_counts([sizes[i] for i in tower], None if scores is None else [scores[i] for i in tower],
+                                 config)
         for i, k in zip(tower, got):
             keeps[i] = k
     return keeps, scores, record
@@ -236,7 +205,7 @@ def _prune_counts(blocks: list[Block], keeps: list[int]) -> dict[str, int]:
     for block, keep in zip(blocks, keeps):
         names = block.weight_names()
         sizes = [block.linears[n[: -len(".weight")]].weight.numel() for n in names]
-        for name, n in zip(names, alloc.split_count(block.size() - keep, sizes)):
+        for name, n in zip(names, split_count(block.size() - keep, sizes)):
             counts[name] = n
     return counts
 
@@ -248,7 +217,7 @@ def _check_nm(blocks: list[Block], nm: tuple[int, int] | None) -> None:
         for name, linear in block.linears.items():
             if linear.in_features % nm[1]:
                 raise InputError(f"{name} has {linear.in_features} input features, not a multiple of {nm[1]}",
-                                 "use --structure unstructured for this model")
+                                 f"use {param('structure', 'unstructured')} for this model")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -262,10 +231,13 @@ def default_out(model_name: str, config: PruneConfig, cwd: Path) -> Path:
 def prune_model(model: str | Path = "demo", out: str | Path | None = None, config: PruneConfig | None = None,
                 progress: Progress | None = None, cwd: str | Path | None = None) -> PruneResult:
     """Prune ``model`` (``demo``, a folder or a hub id) into ``out``; the input is never modified."""
-    from vlsparse.models.adapter import Adapter, family_of
+    from vlsparse.models.adapter import Adapter
+    from vlsparse.models.families import family_for
     from vlsparse.models.processors import load_processor
     from vlsparse.memory import check_prune_fits
     from vlsparse.models.source import check_model_folder, resolve_model_folder, resolved_config
+    from vlsparse.profile.pruning import (achieved_sparsity, calibration_entry, group_row, matrix_row,
+                                          pruned_profile, pruning_section)
 
     config = config or PruneConfig()
     config.validate()
@@ -273,8 +245,9 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     cwd = Path(cwd) if cwd is not None else Path.cwd()
     nm = parse_structure(config.structure)
     folder = resolve_model_folder(model)
-    family = family_of(check_model_folder(folder))
-    text_tokens = config.seq_len if family == "causal_lm" else 0  # VLM prompts are used as they are
+    family_class = family_for(check_model_folder(folder))
+    family = family_class.family
+    text_tokens = 0 if family_class.is_vlm else config.seq_len  # VLM prompts are used as they are
     check_prune_fits(resolved_config(folder), config.samples, text_tokens, TEXT_BATCH)
     name = "demo" if str(model) == "demo" else folder.name
     out = Path(out) if out is not None else default_out(name, config, cwd)
@@ -298,7 +271,7 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
 
     progress("Preparing calibration data")
     calib = build_calibration(adapter, processor, config.calib, config.samples, config.seq_len, config.seed)
-    keeps, scores, method_record = allocate(streamed, calib.batches, config, progress)
+    keeps, scores, policy_record = allocate(streamed, calib.batches, config, progress)
     counts = _prune_counts(blocks, keeps)
 
     method = method_named(config.method)
@@ -309,66 +282,34 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     sequential_prune(streamed, calib.batches, prune_block, new_stats=method.new_stats, progress=progress)
 
     ckpt_masks = {streamed.key_of[n]: bits for n, bits in streamed.masks.items()}
-    matrices, groups, pruned_total, zero_total = [], [], 0, 0
+    matrices, groups = [], []
     for i, block in enumerate(blocks):
         group_zeros = 0
         for n in block.weight_names():
             shape = tuple(skeleton.get_parameter(n).shape)
             zeros = int((~unpack_mask(streamed.masks[n], shape)).sum())
-            numel = shape[0] * shape[1]
             group_zeros += zeros
-            matrices.append({"name": streamed.key_of[n], "group": block.name, "shape": list(shape),
-                             "sparsity": round(zeros / numel, 6)})
-        size = block.size()
-        pruned_total += size
-        zero_total += group_zeros
-        row = {"group": block.name, "tower": block.tower, "params": size, "keep": size - group_zeros,
-               "sparsity": round(group_zeros / size, 6)}
-        if scores is not None:
-            row["score"] = float(f"{scores[i]:.6g}")
-        groups.append(row)
-    achieved = zero_total / pruned_total
+            matrices.append(matrix_row(streamed.key_of[n], block.name, shape, zeros))
+        groups.append(group_row(block.name, block.tower, block.size(), group_zeros,
+                                None if scores is None else scores[i]))
+    achieved = achieved_sparsity(groups)
 
     seconds = time.perf_counter() - start
     peak = peak_rss_mb()
-    record = {
-        "method": config.method,
-        "allocation": config.resolved_allocation(),
-        "structure": config.structure,
-        "scope": config.scope,
-        "ratio": config.ratio,
-        "achieved": round(achieved, 6),
-        "max_deviation": config.max_deviation,
-        "pruned_params": pruned_total,
-        "packed": config.pack,
-        "calibration": {"source": calib.source, "samples": calib.samples, "seq_len": calib.seq_len,
-                        "seed": calib.seed, "tokens": calib.tokens},
-        **method_record,
-        "source": {"model": name, "path": str(folder.resolve())},
-        "run": {"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1), "start_rss_mb": round(start_rss, 1),
-                "model_mb": round(reader.nbytes() / 2**20, 1)},
-        "groups": groups,
-        "matrices": matrices,
-    }
-    if source_profile_path:
-        record["attention_profile"] = source_profile_path
+    section = pruning_section(
+        method=config.method, allocation=config.resolved_allocation(), structure=config.structure,
+        scope=config.scope, ratio=config.ratio, max_deviation=config.max_deviation, packed=config.pack,
+        calibration=calibration_entry(calib.source, calib.samples, calib.seq_len, calib.seed, calib.tokens),
+        policy=policy_record, model=name, path=str(folder.resolve()), seconds=seconds, peak_rss_mb=peak,
+        start_rss_mb=start_rss, model_mb=reader.nbytes() / 2**20, groups=groups, matrices=matrices,
+        attention_profile=source_profile_path)
 
     progress(f"Writing {out}")
-    _write(out, config, reader, folder, ckpt_masks, _profile(fingerprint, calib, record, source_profile), progress)
+    _write(out, config, reader, folder, ckpt_masks, pruned_profile(fingerprint, section, source_profile), progress)
     return PruneResult(out=out, model_name=name, achieved=achieved, groups=groups, matrices=matrices,
                        seconds=seconds, peak_rss_mb=peak, start_rss_mb=start_rss,
                        model_mb=reader.nbytes() / 2**20, out_mb=dir_size(out) / 2**20,
                        profile_source=source_profile_path)
-
-
-def _profile(fingerprint, calib, record: dict, source):
-    from vlsparse.profile import Calibration, Profile
-
-    calibration = Calibration(source=calib.source, samples=calib.samples, seq_len=calib.seq_len, seed=calib.seed)
-    if source is None:
-        return Profile(model=fingerprint, calibration=calibration, pruning=record)
-    return Profile(model=fingerprint, calibration=source.calibration or calibration, attention=source.attention,
-                   pruning=record, core=source.core, tensors=dict(source.tensors))
 
 
 def _write(out: Path, config: PruneConfig, reader: CheckpointReader, folder: Path, ckpt_masks: dict,

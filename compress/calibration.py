@@ -1,19 +1,16 @@
-"""Calibration batches for pruning: image-text pairs for VLMs, text windows for LMs.
+"""Calibration batches for pruning, on top of the ``--calib`` reader (``vlsparse.calibration``).
 
-Sources (``--calib``):
-
-- none, VLM: the demo scene generator (``vlsparse.demo.scenes``, task ``vqa``,
-  training split, seeds offset by ``CALIB_SEED_OFFSET`` so they differ from the
-  samples the demo model saw most); each sample is the model's own prompt for the
-  image and question, followed by the answer.
-- none, LM: random ``--seq-len`` token windows of English text that ships with
-  CPython (the calibration split of ``pydoc_data.topics`` from
-  ``vlsparse.perplexity``, disjoint from its held-out evaluation text).
-- a JSONL file (the format of ``vlsparse.calib_file``): image-text entries, with
-  an optional ``answer``, for VLMs; ``{"text": ...}`` / ``{"text_file": ...}`` for LMs.
+- A vision-language model, demo scenes (default ``demo:vqa``, from the training
+  split) or a JSONL file: one batch per sample, the model's own prompt for the
+  images and question followed by the answer (a text entry is a prompt without images).
+- A text-only model, pydoc text (the default), a ``.txt`` file, a folder of them or a
+  JSONL file: ``samples`` random windows of ``seq_len`` tokens of the text, shuffled by
+  paragraph (by entry for JSONL), batched by ``TEXT_BATCH``.
 
 Every batch carries ``labels`` (= ``input_ids`` with image and padding tokens
 set to -100) so the same batches serve ECoFLaP's loss and Wanda's statistics.
+``prune`` takes no ``demo:`` source (its one demo calibration is the default), and
+no plain-text source for a vision-language model (``prune_source``).
 """
 
 from __future__ import annotations
@@ -24,15 +21,17 @@ from pathlib import Path
 
 import torch
 
-from vlsparse.errors import InputError
+from vlsparse.calibration import CalibData, CalibSource, is_demo, parse_calib, read_calib
+from vlsparse.errors import InputError, param
 
-CALIB_SEED_OFFSET = 900_000_000  # inside the training split, far from the first training seeds
+DEMO_TASKS = ("vqa",)
+"""The demo calibration of a vision-language model without ``--calib``."""
 TEXT_BATCH = 8
 
 
 @dataclass
-class CalibrationSet:
-    """Batches of model inputs plus what produced them (recorded in the profile)."""
+class CalibrationBatches:
+    """Batches of model inputs plus what produced them (recorded in the profile); ``samples`` counts them."""
 
     batches: list[dict]
     source: str
@@ -69,39 +68,18 @@ def _append_answer(inputs: dict, tokenizer, answer: str) -> dict:
     return out
 
 
-def _pairs_from_demo(samples: int, seed: int) -> list[tuple[list, str, str]]:
-    from vlsparse.demo.scenes import TRAIN_SEED_BASE, generate
-
-    return [(s.images, s.question, s.answer) for s in generate("vqa", samples, TRAIN_SEED_BASE + CALIB_SEED_OFFSET + seed)]
-
-
-def _pairs_from_jsonl(path: Path, samples: int) -> list[tuple[list, str, str]]:
-    """Image-text pairs; a text entry becomes a prompt without images."""
-    from vlsparse.calib_file import read_entries
-    from vlsparse.images import load_image
-
-    return [([load_image(p) for p in e.images], e.text if e.is_text else e.prompt, e.answer)
-            for e in read_entries(path, samples)]
+def _texts(data: CalibData) -> list[str]:
+    """The units the text windows are shuffled in: paragraphs of a plain text, else JSONL entries."""
+    if data.text is not None:
+        return data.text.split("\n\n")
+    return [item.text or f"{item.prompt} {item.answer}".strip() for item in data.items]
 
 
-def _texts(calib: Path | None) -> tuple[list[str], str]:
-    if calib is None:  # the calibration part only: vlsparse.perplexity holds the rest out for evaluation
-        from vlsparse.perplexity import pydoc_text
-
-        return pydoc_text("calib").split("\n\n"), "text:pydoc_data.topics(calib split)"
-    from vlsparse.calib_file import read_entries
-
-    entries = read_entries(calib)
-    bad = next((e for e in entries if not e.is_text), None)
-    if bad is not None:
-        raise InputError(f"{bad.where}: a text model's calibration needs \"text\" or \"text_file\" lines",
-                         'write lines like {"text": "Some English prose ..."}')
-    return [e.text for e in entries], f"jsonl:{calib}"
-
-
-def text_calibration(tokenizer, calib: Path | None, samples: int, seq_len: int, seed: int) -> CalibrationSet:
+def text_calibration(tokenizer, calib: str | Path | CalibSource | None, samples: int, seq_len: int,
+                     seed: int) -> CalibrationBatches:
     """``samples`` random windows of ``seq_len`` tokens (Wanda's C4 recipe on local text)."""
-    texts, source = _texts(calib)
+    source = calib if isinstance(calib, CalibSource) else parse_calib(calib, vlm=False, default_tasks=DEMO_TASKS)
+    texts = _texts(read_calib(source))
     rng = random.Random(seed)
     rng.shuffle(texts)
     ids: list[int] = []
@@ -111,28 +89,26 @@ def text_calibration(tokenizer, calib: Path | None, samples: int, seq_len: int, 
         if len(ids) >= 4 * samples * seq_len + seq_len:
             break
     if len(ids) <= seq_len:
-        raise InputError(f"the calibration text has {len(ids)} tokens, fewer than --seq-len {seq_len}",
-                         "use a shorter --seq-len or more text")
+        raise InputError(f"the calibration text has {len(ids)} tokens, fewer than {param('seq_len', seq_len)}",
+                         f"use a shorter {param('seq_len')} or more text")
     starts = [rng.randrange(0, len(ids) - seq_len) for _ in range(samples)]
     windows = torch.tensor([ids[s:s + seq_len] for s in starts], dtype=torch.long)
     batches = [{"input_ids": w, "attention_mask": torch.ones_like(w), "labels": w.clone()}
                for w in windows.split(TEXT_BATCH)]
-    return CalibrationSet(batches, source, samples, seq_len, seed, samples * seq_len)
+    return CalibrationBatches(batches, source.name, samples, seq_len, seed, samples * seq_len)
 
 
-def vlm_calibration(adapter, processor, calib: Path | None, samples: int, seed: int) -> CalibrationSet:
-    """One batch per image-text pair, in the model's prompt format, answer appended."""
-    pairs = _pairs_from_demo(samples, seed) if calib is None else _pairs_from_jsonl(calib, samples)
+def vlm_calibration(adapter, processor, data: CalibData, seed: int) -> CalibrationBatches:
+    """One batch per image-text sample, in the model's prompt format, answer appended."""
     tokenizer = getattr(processor, "tokenizer", processor)
     batches = []
-    for images, question, answer in pairs:
-        inputs = dict(adapter.prepare(processor, images, question))
-        if answer:
-            inputs = _append_answer(inputs, tokenizer, answer)
+    for item in data.items:
+        inputs = dict(adapter.prepare(processor, item.images, item.text if item.is_text else item.prompt))
+        if item.answer:
+            inputs = _append_answer(inputs, tokenizer, item.answer)
         batches.append(_with_labels(inputs, adapter.image_token_id))
     lengths = [b["input_ids"].shape[1] for b in batches]
-    source = "demo:vqa" if calib is None else f"jsonl:{calib}"
-    return CalibrationSet(batches, source, len(batches), max(lengths), seed, sum(lengths))
+    return CalibrationBatches(batches, data.source.name, len(batches), max(lengths), seed, sum(lengths))
 
 
 def take_samples(batches: list[dict], n: int) -> list[dict]:
@@ -153,16 +129,27 @@ def take_samples(batches: list[dict], n: int) -> list[dict]:
 
 
 def build_calibration(adapter, processor, calib: str | Path | None, samples: int, seq_len: int,
-                      seed: int) -> CalibrationSet:
-    """Calibration batches for ``adapter``'s family (see the module docstring)."""
+                      seed: int) -> CalibrationBatches:
+    """Calibration batches for ``adapter``'s model (see the module docstring)."""
     if samples < 1:
-        raise InputError(f"--samples must be at least 1, got {samples}")
+        raise InputError(f"{param('samples')} must be at least 1, got {samples}")
     if seq_len < 2:
-        raise InputError(f"--seq-len must be at least 2, got {seq_len}")
-    if calib is not None and str(calib).startswith("demo:"):
-        raise InputError(f"prune does not take --calib {calib} (that is for profile and calibrate)",
-                         "drop --calib to prune on demo scenes, or pass a .jsonl or text file")
-    path = Path(calib) if calib is not None else None
+        raise InputError(f"{param('seq_len')} must be at least 2, got {seq_len}")
+    source = prune_source(calib, adapter.is_vlm)
     if adapter.is_vlm:
-        return vlm_calibration(adapter, processor, path, samples, seed)
-    return text_calibration(getattr(processor, "tokenizer", processor), path, samples, seq_len, seed)
+        return vlm_calibration(adapter, processor, read_calib(source, samples, seed), seed)
+    return text_calibration(getattr(processor, "tokenizer", processor), source, samples, seq_len, seed)
+
+
+def prune_source(calib: str | Path | None, vlm: bool) -> CalibSource:
+    """The ``--calib`` source of a prune, or a one-line ``InputError``: no ``demo:`` names (the default is
+    the demo calibration), and image-text samples for a vision-language model (its vision tower must run)."""
+    if is_demo(calib):
+        raise InputError(f"prune does not take {param('calib', calib)} (that is for profile and calibrate)",
+                         f"drop {param('calib')} to prune on demo scenes, or pass a .jsonl or text file")
+    source = parse_calib(calib, vlm=vlm, default_tasks=DEMO_TASKS)
+    if vlm and source.plain_text:
+        what = source.path.name if source.path else source.name
+        raise InputError(f"{what} is plain text, but pruning a vision-language model runs its vision tower on images",
+                         f"pass a .jsonl of images and prompts, or drop {param('calib')} for demo scenes")
+    return source

@@ -61,12 +61,13 @@ from typing import Any
 
 import torch
 
-from vlsparse.errors import InputError
+from vlsparse.errors import InputError, param
 from vlsparse.profile.core import CORE_VERSION, SCORE_RULES, CoreSettings
 
 
 def parse_layers(text: str | None, num_layers: int, what: str) -> list[int] | None:
-    """``"2-9"``, ``"1,2,5"`` or ``"none"`` -> layer indices (None for no text)."""
+    """``"2-9"``, ``"1,2,5"`` or ``"none"`` -> layer indices (None for no text); ``what`` names the
+    parameter in errors (``neuron_layers``)."""
     if text is None:
         return None
     if text.strip().lower() in ("none", ""):
@@ -78,16 +79,16 @@ def parse_layers(text: str | None, num_layers: int, what: str) -> list[int] | No
             if "-" in part:
                 a, b = (int(p) for p in part.split("-", 1))
                 if b < a:
-                    raise InputError(f"--{what} {text!r}: the range {part} runs backwards",
+                    raise InputError(f"{param(what)} {text!r}: the range {part} runs backwards",
                                      f"write it low to high, e.g. {b}-{a}")
                 out.extend(range(a, b + 1))
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise InputError(f"--{what} {text!r} is not a list of layers", "e.g. 2-9 or 1,2,3 or none") from None
+        raise InputError(f"{param(what)} {text!r} is not a list of layers", "e.g. 2-9 or 1,2,3 or none") from None
     bad = [i for i in out if not 0 <= i < num_layers]
     if bad:
-        raise InputError(f"--{what}: layer {bad[0]} does not exist (the model has {num_layers})",
+        raise InputError(f"{param(what)}: layer {bad[0]} does not exist (the model has {num_layers})",
                          f"use layers 0..{num_layers - 1}")
     return sorted(set(out))
 
@@ -171,20 +172,23 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
     from vlsparse.search.calibration import prepare_sample
 
     max_keep = sorted(set(max_keep))
-    for name, value in (("alpha", alpha), ("beta", beta), *(("max-keep", v) for v in max_keep)):
+    for name, value in (("alpha", alpha), ("beta", beta), *(("max_keep", v) for v in max_keep)):
         if not 0.0 < value <= 1.0:
-            raise InputError(f"--{name} must lie in (0, 1], got {value}", "e.g. --alpha 0.2 --beta 0.4")
+            raise InputError(f"{param(name)} must lie in (0, 1], got {value}",
+                             f"e.g. {param('alpha', 0.2)} {param('beta', 0.4)}")
     if not max_keep or not 0.0 <= min_keep <= max_keep[0]:
-        raise InputError(f"--min-keep {min_keep} must lie in [0, --max-keep {max_keep[:1]}]", "e.g. 0.1 and 0.5")
+        raise InputError(f"{param('min_keep', min_keep)} must lie in [0, {param('max_keep', max_keep[:1])}]",
+                         "e.g. 0.1 and 0.5")
     if not 0.0 < cats_sparsity < 1.0:
-        raise InputError(f"--cats-sparsity must lie in (0, 1), got {cats_sparsity}", "e.g. 0.5")
+        raise InputError(f"{param('cats_sparsity')} must lie in (0, 1), got {cats_sparsity}", "e.g. 0.5")
     unknown = [s for s in scores if s not in SCORE_RULES]
     if unknown or not scores:
         raise InputError(f"unknown scoring rule {unknown[0] if unknown else scores!r}",
                          f"choose from {', '.join(SCORE_RULES)}")
     if neuron_layers and sorted(neuron_layers) != list(range(min(neuron_layers), max(neuron_layers) + 1)):
-        raise InputError(f"--neuron-layers {neuron_layers} are not consecutive", "give a range such as 2-9")
-    check_sequence_fits(loaded, calibration_tokens(calibration) + decode_tokens + 1, kv_cache=True)
+        raise InputError(f"{param('neuron_layers', neuron_layers)} are not consecutive", "give a range such as 2-9")
+    check_sequence_fits(loaded, calibration_tokens(calibration) + decode_tokens + 1, option=param("seq_len"),
+                        kv_cache=True)
     say = progress or (lambda message: None)
     n_layers = loaded.adapter.num_layers
     samples = calibration.samples
@@ -224,7 +228,7 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
             mass = act.abs().sum(0)
             records[i].mass.append(float(mass[core].sum() / mass.sum().clamp(min=1e-12)))
             return
-        records[i].errors.extend(sliced_output_error(mlp, x, cores[i]).tolist())
+        records[i].errors.extend(sliced_output_error(mlp, x, cores[i], adapter=loaded.adapter).tolist())
 
     handles = _mlp_hooks(loaded, decode_error)
     try:

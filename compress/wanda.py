@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from vlsparse.errors import InputError
+from vlsparse.errors import InputError, param
 
 STRUCTURES = ("unstructured", "2:4", "4:8")
 
@@ -33,9 +33,9 @@ def parse_structure(structure: str) -> tuple[int, int] | None:
         n_text, m_text = structure.split(":")
         n, m = int(n_text), int(m_text)
     except ValueError:
-        raise InputError(f"unknown --structure {structure!r}", "use unstructured, 2:4 or 4:8") from None
+        raise InputError(f"unknown {param('structure')} {structure!r}", "use unstructured, 2:4 or 4:8") from None
     if not 0 < n < m:
-        raise InputError(f"--structure {structure!r} needs 0 < N < M", "use unstructured, 2:4 or 4:8")
+        raise InputError(f"{param('structure')} {structure!r} needs 0 < N < M", "use unstructured, 2:4 or 4:8")
     return n, m
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from vlsparse.errors import InputError
+from vlsparse.errors import InputError, param
 from vlsparse.memory import calibration_tokens, check_sequence_fits
 from vlsparse.patterns import lookup
 from vlsparse.profile import AttentionProfile, Calibration, Profile
@@ -110,11 +110,12 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
     one line per sample and layer.
     """
     if not 0.0 < recall <= 1.0:
-        raise InputError(f"--recall must be in (0, 1], got {recall}", "pass e.g. --recall 0.95")
+        raise InputError(f"{param('recall')} must be in (0, 1], got {recall}", f"pass e.g. {param('recall', 0.95)}")
     tail_recall = recall if tail_recall is None else tail_recall
     if not 0.0 <= tail_recall <= 1.0:
-        raise InputError(f"--tail-recall must be in [0, 1], got {tail_recall}", "pass e.g. --tail-recall 0.95")
-    check_sequence_fits(loaded, calibration_tokens(calibration))
+        raise InputError(f"{param('tail_recall')} must be in [0, 1], got {tail_recall}",
+                         f"pass e.g. {param('tail_recall', 0.95)}")
+    check_sequence_fits(loaded, calibration_tokens(calibration), option=param("seq_len"))
     with torch_threads(threads):
         chosen, masks, n_cal, used = _search(loaded, calibration, recall, space, tie_density, min_gain,
                                              max_elements, progress or (lambda _msg: None), tail_recall,

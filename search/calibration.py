@@ -1,20 +1,15 @@
-"""Calibration inputs for the pattern search: demo scenes, a JSONL file, or plain text.
+"""Calibration inputs for the pattern search and core calibration, on top of the ``--calib`` reader.
 
-Sources (``calibration_from``):
+``vlsparse.calibration`` parses ``--calib`` and reads the source; here its samples become
+model inputs (``calibration_from``):
 
-- no ``--calib``, a vision-language model: the demo generator's long-context
-  tasks (``vlsparse.demo.scenes``), alternating ``multi`` (many labelled scenes)
-  and ``grid`` (a large image cut into tiles), with as many images as it takes
-  to reach ``seq_len`` tokens in the model's own prompt format. Seeds come from
-  a reserved slice of the evaluation split (``CALIB_SEED_BASE + seed + i``).
-- ``--calib demo:multi``, ``demo:grid`` (or ``demo:multi+grid``, the default): only those
-  demo tasks, for a profile fitted to the prompts it will serve.
-- no ``--calib``, a text-only model: windows of CPython's pydoc topics
-  (the calibration part of ``vlsparse.perplexity.pydoc_text``).
-- ``--calib FILE.jsonl``: image-text entries used as given, or plain text
-  (the format of ``vlsparse.calib_file``).
-- ``--calib FILE.txt`` or a folder of ``*.txt`` files: plain text, cut into
-  ``samples`` windows of ``seq_len`` tokens at seeded random offsets.
+- demo scenes (the default for a vision-language model: ``demo:multi+grid``, sample
+  i of ``multi`` / ``grid`` alternately; ``demo:multi`` or ``demo:grid`` for one kind),
+  with as many images (grid cells) as it takes to reach ``seq_len`` tokens in the
+  model's own prompt format, each image after its label;
+- JSONL entries used as given (a text entry becomes one window of its text);
+- plain text (pydoc for a text-only model, a ``.txt`` file, a folder of them): ``samples``
+  windows of ``seq_len`` tokens at seeded random, distinct offsets.
 
 Plain text is tokenised without a chat template; each window starts with the
 tokenizer's BOS token when it has one.
@@ -30,12 +25,11 @@ from typing import Any
 
 import torch
 
-from vlsparse.calib_file import read_text_file
-from vlsparse.errors import InputError
+from vlsparse.calibration import demo_items, parse_calib, read_calib
+from vlsparse.errors import InputError, param
 
-CALIB_SEED_OFFSET = 500_000_000
-"""Calibration seeds sit this far into the demo generator's evaluation split."""
 DEMO_TASKS = ("multi", "grid")
+"""The demo tasks ``--calib demo:...`` may name; without ``--calib``, all of them."""
 
 
 @dataclass
@@ -62,53 +56,17 @@ class CalibrationSet:
 # ----------------------------------------------------------------------------- building
 
 
-def demo_calibration(loaded, samples: int, seq_len: int, seed: int,
-                     tasks: tuple[str, ...] = DEMO_TASKS) -> CalibrationSet:
-    """Demo scenes sized to about ``seq_len`` tokens in ``loaded``'s prompt format (VLMs only),
-    sample i from ``tasks[i % len(tasks)]``."""
-    from vlsparse.demo import scenes
-
+def demo_images(loaded, seq_len: int) -> int:
+    """Images (grid cells) per demo prompt to reach about ``seq_len`` tokens in ``loaded``'s prompt format."""
     per_image, overhead = _image_cost(loaded)
-    n_images = max(1, math.ceil((seq_len - overhead) / max(per_image, 1)))
-    base = scenes.EVAL_SEED_BASE + CALIB_SEED_OFFSET + seed
-    out = []
-    for i in range(samples):
-        task = tasks[i % len(tasks)]
-        rng = scenes.sample_rng(task, base + i)
-        if task == "grid":
-            item = scenes.sample("grid", rng, grid=grid_shape(n_images))
-        else:
-            item = scenes.sample("multi", rng, n_images=n_images)
-        images, labels = item.model_images()
-        out.append(CalibSample(name=f"demo-{task}-{base + i}", images=images, prompt=item.question, labels=labels))
-    return CalibrationSet(source=f"demo:{'+'.join(tasks)}", samples=out, seq_len=seq_len, seed=seed)
-
-
-def demo_tasks(calib: str) -> tuple[str, ...]:
-    """``demo:multi+grid`` -> ("multi", "grid"); a one-line ``InputError`` for unknown tasks."""
-    tasks = tuple(t for t in calib.split(":", 1)[1].split("+") if t)
-    unknown = [t for t in tasks if t not in DEMO_TASKS]
-    if not tasks or unknown:
-        raise InputError(f"unknown demo calibration {calib!r}",
-                         f"use demo: followed by {' or '.join(DEMO_TASKS)} joined with +, e.g. demo:multi")
-    return tasks
-
-
-def grid_shape(cells: int) -> tuple[int, int]:
-    """(rows, cols) with rows <= cols <= about 4 x rows and the fewest cells >= ``cells`` (squarer on ties)."""
-    root = max(1, math.isqrt(cells))
-    shapes = [(r, -(-cells // r)) for r in range(max(1, (root + 1) // 2), root + 1)]
-    return min(shapes, key=lambda rc: (rc[0] * rc[1], -rc[0]))
+    return max(1, math.ceil((seq_len - overhead) / max(per_image, 1)))
 
 
 def _image_cost(loaded) -> tuple[int, int]:
     """(tokens per demo image, tokens of the rest of the prompt) in ``loaded``'s format."""
-    from vlsparse.demo import scenes
-
-    item = scenes.sample("multi", scenes.sample_rng("multi", scenes.EVAL_SEED_BASE + CALIB_SEED_OFFSET), n_images=3)
-    images, labels = item.model_images()
-    two = prepare_sample(loaded, CalibSample("probe", images[:2], item.question, labels=labels[:2]))
-    three = prepare_sample(loaded, CalibSample("probe", images, item.question, labels=labels))
+    item = demo_items(("multi",), 1, 0, n_images=3)[0]
+    two = prepare_sample(loaded, CalibSample("probe", item.images[:2], item.prompt, labels=item.labels[:2]))
+    three = prepare_sample(loaded, CalibSample("probe", item.images, item.prompt, labels=item.labels))
     n2, n3 = two["input_ids"].shape[1], three["input_ids"].shape[1]
     return n3 - n2, n2 - 2 * (n3 - n2)
 
@@ -133,56 +91,28 @@ def text_calibration(loaded, text: str, source: str, samples: int, seq_len: int,
     return CalibrationSet(source=source, samples=out, seq_len=seq_len, seed=seed)
 
 
-def jsonl_calibration(loaded, path: Path, samples: int, seq_len: int, seed: int) -> CalibrationSet:
-    """The first ``samples`` entries of a JSONL file (format: ``vlsparse.calib_file``)."""
-    from vlsparse.calib_file import read_entries
-    from vlsparse.images import load_image
-
-    out: list[CalibSample] = []
-    for entry in read_entries(path, samples):
-        if entry.is_text:
-            out.append(text_calibration(loaded, entry.text, entry.where, 1, seq_len, seed).samples[0])
-            continue
-        if entry.images and not loaded.adapter.is_vlm:
-            raise InputError(f"{entry.where} has images but {loaded.name} is a text-only model",
-                             "use text lines, or a vision-language model")
-        out.append(CalibSample(name=entry.where, images=[load_image(p) for p in entry.images], prompt=entry.prompt))
-    return CalibrationSet(source=f"jsonl:{path.name}", samples=out, seq_len=seq_len, seed=seed)
-
-
 def calibration_from(loaded, calib: str | Path | None = None, samples: int = 4, seq_len: int = 4096,
                      seed: int = 0) -> CalibrationSet:
-    """Pick and build the calibration set for ``loaded`` (see the module docstring)."""
+    """The calibration set for ``loaded`` from ``calib`` (see the module docstring)."""
     if samples < 1:
-        raise InputError(f"--samples must be at least 1, got {samples}", "pass --samples 1 or more")
+        raise InputError(f"{param('samples')} must be at least 1, got {samples}", f"pass {param('samples', 1)} or more")
     if seq_len < 128:
-        raise InputError(f"--seq-len must be at least 128 tokens, got {seq_len}", "pass e.g. --seq-len 4096")
+        raise InputError(f"{param('seq_len')} must be at least 128 tokens, got {seq_len}",
+                         f"pass e.g. {param('seq_len', 4096)}")
     from vlsparse.memory import check_sequence_fits
 
-    check_sequence_fits(loaded, seq_len)
-    if calib is None:
-        if loaded.adapter.is_vlm:
-            return demo_calibration(loaded, samples, seq_len, seed)
-        from vlsparse.perplexity import pydoc_text
-
-        return text_calibration(loaded, pydoc_text("calib"), "pydoc", samples, seq_len, seed)
-    if str(calib).startswith("demo:"):
-        tasks = demo_tasks(str(calib))
-        if not loaded.adapter.is_vlm:
-            raise InputError(f"--calib {calib} needs a vision-language model", "drop --calib for text models")
-        return demo_calibration(loaded, samples, seq_len, seed, tasks)
-    path = Path(calib)
-    if not path.exists():
-        raise InputError(f"calibration file {path} not found", "pass a .jsonl, a .txt file or a folder of .txt files")
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise InputError(f"calibration folder {path} has no .txt files", "put plain-text files in it")
-        text = "\n\n".join(read_text_file(f) for f in files)
-        return text_calibration(loaded, text, f"text:{path.name}", samples, seq_len, seed)
-    if path.suffix == ".jsonl":
-        return jsonl_calibration(loaded, path, samples, seq_len, seed)
-    return text_calibration(loaded, read_text_file(path), f"text:{path.name}", samples, seq_len, seed)
+    check_sequence_fits(loaded, seq_len, option=param("seq_len"))
+    source = parse_calib(calib, vlm=loaded.adapter.is_vlm, default_tasks=DEMO_TASKS, demo_tasks=DEMO_TASKS)
+    data = read_calib(source, samples, seed, n_images=demo_images(loaded, seq_len) if source.kind == "demo" else 1)
+    if data.text is not None:
+        return text_calibration(loaded, data.text, source.name, samples, seq_len, seed)
+    out: list[CalibSample] = []
+    for item in data.items:
+        if item.is_text:
+            out.append(text_calibration(loaded, item.text, item.name, 1, seq_len, seed).samples[0])
+        else:
+            out.append(CalibSample(name=item.name, images=item.images, prompt=item.prompt, labels=item.labels))
+    return CalibrationSet(source=source.name, samples=out, seq_len=seq_len, seed=seed)
 
 
 def prepare_sample(loaded, sample: CalibSample) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def draw_figure(profile: Profile, path: str | Path, force: bool = False) -> Path
         from matplotlib.patches import Patch
     except ImportError as exc:
         raise OutputError("drawing the profile figure needs matplotlib",
-                          "pip install 'vlsparse[plot]', or pass --no-png") from exc
+                          "pip install 'vlsparse[plot]', or skip the figure") from exc
     att = profile.attention
     if att is None:
         raise OutputError("this profile has no attention section to draw", "run `vlsparse profile` first")

@@ -5,8 +5,10 @@ import random
 
 import pytest
 
-from vlsparse.compress.allocation import fill_to_total, keep_total, split_count, uniform, water_fill
+from vlsparse.compress.allocations.ecoflap import water_fill
+from vlsparse.compress.allocations.fill import fill_to_total, keep_total, split_count
 from vlsparse.compress.allocations.owl import owl
+from vlsparse.compress.allocations.uniform import uniform
 
 
 def _random_case(rng):

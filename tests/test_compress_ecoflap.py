@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from vlsparse.compress.allocations.ecoflap import noise, zeroth_order_scores
 from vlsparse.compress.calibration import take_samples, text_calibration
 from vlsparse.compress.checkpoint import CheckpointReader
-from vlsparse.compress.ecoflap import noise, zeroth_order_scores
 from vlsparse.compress.sequential import StreamedModel, build_skeleton, find_blocks
 from vlsparse.models.adapter import Adapter
 from vlsparse.models.processors import load_processor

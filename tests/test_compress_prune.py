@@ -177,7 +177,7 @@ def test_profile_travels_into_checkpoint_and_is_found(llama_dir, tmp_path):
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(ratio=0.0), InputError, "between 0 and 1"),
     (dict(ratio=1.0), InputError, "between 0 and 1"),
-    (dict(ratio=0.4, structure="2:4"), InputError, "needs --ratio 0.5"),
+    (dict(ratio=0.4, structure="2:4"), InputError, "needs ratio=0.5"),
     (dict(ratio=0.5, structure="4:8", allocation="ecoflap"), InputError, "uniform"),
     (dict(scope="tower"), InputError, "scope"),
 ])

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from vlsparse.calibration import grid_shape
 from vlsparse.errors import InputError
-from vlsparse.search.calibration import calibration_from, grid_shape, prepare_sample
+from vlsparse.search.calibration import calibration_from, prepare_sample
 
 TEXT = "what is this color shape circle square red blue green the a of in image picture " * 40
 
@@ -97,9 +98,9 @@ def test_jsonl_lines_and_their_errors(llava, llama, tmp_path, image_file):
 def test_bad_arguments_are_input_errors(llama, tmp_path):
     with pytest.raises(InputError, match="not found"):
         calibration_from(llama, tmp_path / "nope.jsonl")
-    with pytest.raises(InputError, match="--samples"):
+    with pytest.raises(InputError, match="^samples must"):
         calibration_from(llama, None, samples=0)
-    with pytest.raises(InputError, match="--seq-len"):
+    with pytest.raises(InputError, match="^seq_len must"):
         calibration_from(llama, None, seq_len=16)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no .txt files"):

@@ -1,4 +1,4 @@
-"""ECoFLaP's coarse step: zeroth-order importance of each block, forward passes only.
+"""ECoFLaP allocation (the coarse step): zeroth-order importance of each block, then water-filling.
 
 ECoFLaP (Sung et al., ICLR 2024, "ECoFLaP: Efficient Coarse-to-Fine Layer-wise
 Pruning for Vision-Language Models"). For each group ``g`` (a block) and noise
@@ -16,14 +16,27 @@ sample costs ``2 * groups`` full forwards). The perturbation is added in fp32
 (bf16 rounding would swallow eps = 1e-3) and ``z`` is regenerated from a seed
 for the ``-`` pass instead of being stored. ``L`` is the model's own next-token
 loss on the calibration batch (image tokens excluded).
+
+Keep counts (``water_fill``): every block starts at the floor
+``ceil(N_g * (1 - ratio - max_deviation))``; the rest of the keep budget is
+poured in so that each block's extra keep *fraction* is proportional to its
+score (a per-parameter importance), clamped at ``floor(N_g * (1 - ratio +
+max_deviation))`` with the overflow redistributed. Equal scores give the
+uniform allocation. (The reference implementation adds where it should
+subtract in its overshoot branch and so misses the global ratio; here the
+level is solved for and the total is exact.)
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from vlsparse.compress.allocations.fill import deviation_bounds, fill_to_total, keep_total
+from vlsparse.compress.calibration import take_samples
 from vlsparse.compress.sequential import Perturbation, Progress, StreamedModel
 from vlsparse.errors import InputError
 
@@ -84,3 +97,28 @@ def zeroth_order_scores(streamed: StreamedModel, batches: list[dict], epsilon: f
         raw.append(total / (draws * len(batches)))
     per_weight = [r / max(1, b.size()) for r, b in zip(raw, blocks)]
     return GroupScores([b.name for b in blocks], raw, per_weight)
+
+
+def water_fill(sizes: Sequence[int], scores: Sequence[float], ratio: float, max_deviation: float = 0.1) -> list[int]:
+    """ECoFLaP water-filling: keep counts from per-parameter group ``scores`` (higher = keep more)."""
+    if len(sizes) != len(scores):
+        raise ValueError("one score per group")
+    lo, hi = deviation_bounds(sizes, ratio, max_deviation)
+    clean = [max(0.0, float(s)) if math.isfinite(s) else 0.0 for s in scores]
+    if not any(clean):  # no information: equal scores, i.e. uniform
+        clean = [1.0] * len(sizes)
+    slope = [c * s for c, s in zip(clean, sizes)]
+    return fill_to_total([float(x) for x in lo], slope, lo, hi, keep_total(sizes, ratio))
+
+
+def scores(streamed: StreamedModel, batches: list[dict], config, progress: Progress) -> tuple[list[float], dict]:
+    """Per-weight zeroth-order scores on the first ``config.ecoflap_samples`` calibration samples."""
+    scoring = take_samples(batches, config.ecoflap_samples)
+    result = zeroth_order_scores(streamed, scoring, config.epsilon, config.draws, config.seed, progress)
+    return result.per_weight, {"ecoflap": {"epsilon": config.epsilon, "draws": config.draws,
+                                           "samples": sum(b["input_ids"].shape[0] for b in scoring),
+                                           "seed": config.seed}}
+
+
+def keep_counts(sizes: Sequence[int], scores: Sequence[float], config) -> list[int]:
+    return water_fill(sizes, scores, config.ratio, config.max_deviation)

@@ -3,7 +3,8 @@
 Layer outlier distribution (LOD): the share of a block's Wanda scores
 ``|W_ij| * ||X_j||`` above ``m`` (default 5) times their mean, with ``||X_j||``
 from one dense streamed pass; keep fractions ``1 - ratio + d_g - mean(d)``
-with ``d_g`` the LOD scaled to ``[0, 2 * lam]`` (lam = 0.08).
+with ``d_g`` the LOD scaled to ``[0, 2 * lam]`` (lam = 0.08), mean weighted by
+size, clipped to ``ratio +- max_deviation`` and shifted to meet the total exactly.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vlsparse.compress.allocation import deviation_bounds, fill_to_total, keep_total
+from vlsparse.compress.allocations.fill import deviation_bounds, fill_to_total, keep_total
 from vlsparse.compress.methods.wanda import new_stats as sq_norm_stats
 from vlsparse.compress.sequential import Progress, StreamedModel, StopForward, layer_stats
 from vlsparse.compress.wanda import wanda_scores
@@ -78,3 +79,13 @@ def outlier_ratios(streamed: StreamedModel, norms: dict[str, torch.Tensor], m: f
         finally:
             streamed.release(block)
     return ratios
+
+
+def scores(streamed: StreamedModel, batches: list[dict], config, progress: Progress) -> tuple[list[float], dict]:
+    """Each block's outlier ratio (``config.owl_m``) over one dense pass of the calibration ``batches``."""
+    norms = dense_input_norms(streamed, batches, progress)
+    return outlier_ratios(streamed, norms, config.owl_m), {"owl": {"m": config.owl_m, "lam": config.owl_lambda}}
+
+
+def keep_counts(sizes: Sequence[int], scores: Sequence[float], config) -> list[int]:
+    return owl(sizes, scores, config.ratio, config.max_deviation, config.owl_lambda)

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import torch
 
-from vlsparse.errors import InputError
+from vlsparse.errors import InputError, param
 
 
 @dataclass
@@ -42,5 +42,5 @@ def method_named(name: str, table: dict[str, ModuleType] | None = None) -> Modul
     """The method module called ``name``, or a one-line ``InputError`` listing the registered ones."""
     table = methods() if table is None else table
     if name not in table:
-        raise InputError(f"unknown --method {name!r}", f"use one of: {', '.join(table)}")
+        raise InputError(f"unknown {param('method')} {name!r}", f"use one of: {', '.join(table)}")
     return table[name]

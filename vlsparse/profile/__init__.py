@@ -1,8 +1,8 @@
 """The sparsity profile: the only contract between the offline half and the runtime.
 
 One package owns the profile: its schema and every section's (``schema``: the
-document, model fingerprint, calibration and attention section; the ``core`` and
-``pruning`` sections beside it), the checks that make any malformed file one
+document, model fingerprint, calibration and attention section; ``core`` and
+``pruning``: the sections of those names), the checks that make any malformed file one
 ``ProfileError`` (``checks``), and the rule that finds the profile a command uses
 (``locate``). The fuzz mutator that tests the loader is ``vlsparse.bench.profile_fuzz``.
 """

@@ -117,8 +117,8 @@ class AttentionProfile:
 class Profile:
     """A model's sparsity profile (attention patterns, pruning record, core calibration).
 
-    ``pruning`` and ``core`` are plain mappings whose schema belongs to
-    ``vlsparse.compress``; ``tensors`` are the sidecar arrays (not in the YAML).
+    ``pruning`` and ``core`` are plain mappings whose schemas are ``vlsparse.profile.pruning``
+    and ``vlsparse.profile.core``; ``tensors`` are the sidecar arrays (not in the YAML).
     """
 
     model: ModelFingerprint
