@@ -105,6 +105,7 @@ def test_pickle_only_checkpoint_needs_allow_pickle(llama_dir, tmp_path):
     loaded = load(llama_dir)
     (folder / "config.json").write_text(json.dumps(loaded.model.config.to_dict()))
     torch.save(loaded.model.state_dict(), folder / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match="allow-pickle") as info:
+    with pytest.raises(ModelLoadError, match="allow_pickle") as info:
         load(folder)
+    assert "--allow-pickle" in info.value.one_line(flags=True)  # the flag, as the CLI prints it
     assert "pickle" in info.value.message

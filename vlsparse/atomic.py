@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from vlsparse.errors import InputError, OutputError
+from vlsparse.errors import InputError, OutputError, param
 
 MARKER = ".vlsparse-output"
 PNG_SOFTWARE = "vlsparse"
@@ -42,9 +42,9 @@ def _umask() -> int:
 
 def _explain(exc: OSError, path: Path) -> OutputError:
     if exc.errno == errno.ENOSPC:
-        return OutputError(f"no space left on the device while writing {path}", "free some disk space or choose another --out")
+        return OutputError(f"no space left on the device while writing {path}", f"free some disk space or choose another {param('out')}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputError(f"no permission to write {path}", "choose a folder you can write to with --out")
+        return OutputError(f"no permission to write {path}", f"choose a folder you can write to with {param('out')}")
     return OutputError(f"cannot write {path}: {exc.strerror or exc}", "check the output path")
 
 
@@ -115,15 +115,15 @@ def _check_replaceable(out: Path, force: bool, option: str) -> None:
     if not os.path.lexists(out):
         return
     if not force:
-        raise OutputError(f"{out} already exists", f"pass --force to replace it, or choose another {option}")
+        raise OutputError(f"{out} already exists", f"pass {param('force')} to replace it, or choose another {option}")
     if out.is_symlink() or not written_by_vlsparse(out):
         kind = "folder" if out.is_dir() else "file"
-        raise OutputError(f"{out} is a {kind} vlsparse did not write, so --force will not replace it",
+        raise OutputError(f"{out} is a {kind} vlsparse did not write, so {param('force')} will not replace it",
                           f"choose another {option}, or remove it yourself")
 
 
 def check_output(out: str | os.PathLike, *, force: bool = False, inputs: Iterable = (),
-                 option: str = "--out") -> Path:
+                 option: str = param("out")) -> Path:
     """Refuse ``out`` before any work: an input (or inside/holding one), an existing path
     without ``force``, one vlsparse did not write, or a folder that cannot be written."""
     out = Path(out)
@@ -203,7 +203,7 @@ def _rename_noreplace(source: Path, target: Path) -> None:
 
 def _lost_race(path: Path) -> OutputError:
     return OutputError(f"{path} appeared while this command ran (another vlsparse writing the same output?)",
-                       "nothing was replaced; choose another --out, or pass --force")
+                       f"nothing was replaced; choose another {param('out')}, or pass {param('force')}")
 
 
 def _commit(tmp: Path, path: Path, force: bool) -> None:
@@ -214,7 +214,7 @@ def _commit(tmp: Path, path: Path, force: bool) -> None:
         except FileExistsError:
             raise _lost_race(path) from None
         return
-    _check_replaceable(path, force=True, option="--out")
+    _check_replaceable(path, force=True, option=param("out"))
     if tmp.is_dir() and os.path.lexists(path):
         old = path.with_name(f"{_temp_prefix(path)}replaced.old")
         os.replace(path, old)
@@ -232,7 +232,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", force: bool = False) -
     at the start and again at the rename).
     """
     path = Path(path)
-    _check_replaceable(path, force, "--out")
+    _check_replaceable(path, force, param("out"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(path)
@@ -264,7 +264,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     from vlsparse import __version__
 
     path = Path(path)
-    _check_replaceable(path, force, "--out")
+    _check_replaceable(path, force, param("out"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(path)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlsparse.errors import InputError, VlsparseError
+from vlsparse.errors import InputError, VlsparseError, param
 
 SKIP_ENV = "VLSPARSE_SKIP_MEMORY_CHECK"
 LOAD_MARGIN = 1.1
@@ -146,8 +146,8 @@ def check_prune_fits(config: dict, samples: int, tokens: int, batch: int) -> Non
     whose prompts are used as they are) must fit; checked before the model is built."""
     need = streamed_prune_bytes(text_dims(config), samples, tokens, batch)
     if tokens:
-        check_fits(need, f"pruning with --samples {samples} and --seq-len {tokens:,}",
-                   "use a shorter --seq-len or fewer --samples")
+        check_fits(need, f"pruning with {param('samples', samples)} and {param('seq_len', f'{tokens:,}')}",
+                   f"use a shorter {param('seq_len')} or fewer {param('samples')}")
     else:
         check_fits(need, "pruning", "use a smaller model or a machine with more memory")
 
@@ -215,7 +215,7 @@ def calibration_tokens(calibration) -> int:
     return max([int(calibration.seq_len), *texts])
 
 
-def check_sequence_fits(loaded, tokens: int, option: str = "--seq-len", kv_cache: bool = False,
+def check_sequence_fits(loaded, tokens: int, option: str = param("seq_len"), kv_cache: bool = False,
                         logits_tokens: int = 1) -> None:
     """For a loaded model: one forward over ``tokens`` tokens (plus its KV cache) must fit."""
     dims = text_dims(loaded.model.config.get_text_config().to_dict())
