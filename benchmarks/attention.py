@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from vlsparse.kernels.bench import BENCH_PATTERNS, bench_attention, format_table
+from vlsparse.bench.attention import BENCH_PATTERNS, bench_attention, format_table
 
 
 def main() -> None:

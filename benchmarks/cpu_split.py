@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from vlsparse.kernels.bench import BENCH_PATTERNS, index_at_density, paired_median_times
+from vlsparse.bench.attention import BENCH_PATTERNS, index_at_density, paired_median_times
 from vlsparse.kernels.cpu import sparse_attention_cpu
 
 

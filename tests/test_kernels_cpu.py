@@ -116,7 +116,7 @@ def test_attention_lse_fused_and_plain_agree():
 
 
 def test_bench_attention_rows_carry_the_measurements():
-    from vlsparse.kernels.bench import bench_attention, format_table
+    from vlsparse.bench.attention import bench_attention, format_table
 
     rows = bench_attention([512], densities=[0.3], heads=2, head_dim=32, repeats=1)
     assert [r["pattern"] for r in rows] == ["vertical_slash", "block_sparse", "a_shape"]
@@ -128,7 +128,7 @@ def test_bench_attention_rows_carry_the_measurements():
 
 
 def test_paired_times_take_turns_and_give_each_its_median(monkeypatch):
-    from vlsparse.kernels import bench
+    from vlsparse.bench import attention as bench
 
     clock = {"t": 0.0}
     order: list[str] = []
@@ -148,7 +148,7 @@ def test_paired_times_take_turns_and_give_each_its_median(monkeypatch):
 
 @pytest.mark.parametrize("pattern", ["vertical_slash", "block_sparse", "a_shape"])
 def test_bench_lists_are_at_most_the_target_density_and_close_to_it(pattern):
-    from vlsparse.kernels.bench import index_at_density
+    from vlsparse.bench.attention import index_at_density
     from vlsparse.kernels.indices import index_density
 
     index, density, _ = index_at_density(pattern, 8192, 2, 0.1)

@@ -6,7 +6,7 @@ import pytest
 
 from vlsparse import memory
 from vlsparse.errors import InputError, ModelLoadError
-from vlsparse.kernels.bench import bench_bytes
+from vlsparse.bench.attention import bench_bytes
 
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
             "vocab_size": 32000, "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128,
