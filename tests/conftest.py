@@ -65,3 +65,19 @@ def image_file(tmp_path_factory):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    """The tiny Llama, loaded once per test module."""
+    from vlsparse.models import load
+
+    return load(str(llama_dir))
+
+
+@pytest.fixture(scope="module")
+def llava(llava_dir):
+    """The tiny LLaVA, loaded once per test module."""
+    from vlsparse.models import load
+
+    return load(str(llava_dir))

@@ -13,20 +13,6 @@ from vlsparse.errors import InputError
 TEXT = "red circle blue square green triangle " * 60
 
 
-@pytest.fixture(scope="module")
-def llama(llama_dir):
-    from vlsparse.models import load
-
-    return load(str(llama_dir))
-
-
-@pytest.fixture(scope="module")
-def llava(llava_dir):
-    from vlsparse.models import load
-
-    return load(str(llava_dir))
-
-
 def test_sources_and_their_recorded_names(tmp_path):
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": TEXT}))
     (tmp_path / "c.txt").write_text(TEXT)

@@ -13,20 +13,6 @@ from vlsparse.search.calibration import calibration_from, prepare_sample
 TEXT = "what is this color shape circle square red blue green the a of in image picture " * 40
 
 
-@pytest.fixture(scope="module")
-def llama(llama_dir):
-    from vlsparse.models import load
-
-    return load(str(llama_dir))
-
-
-@pytest.fixture(scope="module")
-def llava(llava_dir):
-    from vlsparse.models import load
-
-    return load(str(llava_dir))
-
-
 def test_grid_shape_is_nearly_square_and_tight():
     assert grid_shape(28) == (4, 7) and grid_shape(112) == (8, 14) and grid_shape(30) == (5, 6)
     rows, cols = grid_shape(113)

@@ -158,3 +158,23 @@ def check_layers(name: str, layers: list[int], num_layers: int, *, before_lm: bo
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise InputError(f"token method {name!r}: stage layers {layers} are not increasing",
                          "pass strictly increasing layers")
+
+
+def stage_after_k(name: str, defaults: dict[str, Any], num_layers: int, keep: float | None,
+                  params: dict[str, Any]) -> list[Stage]:
+    """One drop after layer ``k - 1`` (``k``: the paper's 1-based layer, from ``params`` or ``defaults``)."""
+    p = resolve(name, defaults, {"keep": keep, **params})
+    layers = [int(p["k"]) - 1]
+    check_layers(name, layers, num_layers)
+    return [Stage(layers[0], float(p["keep"]))]
+
+
+def stage_before_lm(name: str, defaults: dict[str, Any], keep: float | None, params: dict[str, Any]) -> list[Stage]:
+    """One drop before the language model, on its input embeddings."""
+    p = resolve(name, defaults, {"keep": keep, **params})
+    return [Stage(BEFORE_LM, float(p["keep"]))]
+
+
+def no_attention(stage: int = 0, **params) -> None:
+    """``attention`` of a method that reads no attention."""
+    return None

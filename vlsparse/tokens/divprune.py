@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from vlsparse.tokens._select import greedy_diverse
-from vlsparse.tokens.context import Selection, Stage, TokenContext, resolve
+from vlsparse.tokens.context import Selection, Stage, TokenContext, no_attention, resolve, stage_before_lm
 
 NAME = "divprune"
 WHERE = "before_lm"
@@ -29,16 +29,14 @@ DEFAULTS = {"keep": 0.098}
 
 
 def schedule(num_layers: int, keep: float | None = None, **params) -> list[Stage]:
-    p = resolve(NAME, DEFAULTS, {"keep": keep, **params})
-    return [Stage(-1, float(p["keep"]))]
+    return stage_before_lm(NAME, DEFAULTS, keep, params)
 
 
 def needs(stage: int = 0, **params) -> tuple[str, ...]:
     return NEEDS
 
 
-def attention(stage: int = 0, **params) -> None:
-    return None
+attention = no_attention
 
 
 def select(ctx: TokenContext, keep_count: int, *, stage: int = 0, **params) -> Selection:

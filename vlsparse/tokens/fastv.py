@@ -18,7 +18,7 @@ attention (RoPE applied, causal softmax over all keys), averaged over the chosen
 from __future__ import annotations
 
 from vlsparse.tokens._select import top_sorted
-from vlsparse.tokens.context import AttentionSpec, Selection, Stage, TokenContext, check_layers, resolve
+from vlsparse.tokens.context import AttentionSpec, Selection, Stage, TokenContext, resolve, stage_after_k
 
 NAME = "fastv"
 WHERE = "in_lm"
@@ -29,10 +29,7 @@ DEFAULTS = {"keep": 0.5, "k": 2, "rows": "all"}
 
 
 def schedule(num_layers: int, keep: float | None = None, **params) -> list[Stage]:
-    p = resolve(NAME, DEFAULTS, {"keep": keep, **params})
-    layers = [int(p["k"]) - 1]
-    check_layers(NAME, layers, num_layers)
-    return [Stage(layers[0], float(p["keep"]))]
+    return stage_after_k(NAME, DEFAULTS, num_layers, keep, params)
 
 
 def needs(stage: int = 0, **params) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from vlsparse.tokens._select import image_groups, split_budget, top_sorted
 from vlsparse.errors import InputError
-from vlsparse.tokens.context import Selection, Stage, TokenContext, resolve
+from vlsparse.tokens.context import Selection, Stage, TokenContext, no_attention, resolve, stage_before_lm
 
 NAME = "visionzip"
 WHERE = "before_lm"
@@ -47,16 +47,14 @@ DEFAULTS = {"keep": 64 / 576, "contextual_share": 10 / 64}
 
 
 def schedule(num_layers: int, keep: float | None = None, **params) -> list[Stage]:
-    p = resolve(NAME, DEFAULTS, {"keep": keep, **params})
-    return [Stage(-1, float(p["keep"]))]
+    return stage_before_lm(NAME, DEFAULTS, keep, params)
 
 
 def needs(stage: int = 0, **params) -> tuple[str, ...]:
     return NEEDS
 
 
-def attention(stage: int = 0, **params) -> None:
-    return None
+attention = no_attention
 
 
 def split(budget: int, share: float) -> tuple[int, int]:

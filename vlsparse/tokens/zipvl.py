@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from vlsparse.tokens._select import top_sorted
-from vlsparse.tokens.context import AttentionSpec, Selection, Stage, TokenContext, check_layers, resolve
+from vlsparse.tokens.context import AttentionSpec, Selection, Stage, TokenContext, resolve, stage_after_k
 
 NAME = "zipvl"
 WHERE = "in_lm"
@@ -38,10 +38,7 @@ DEFAULTS = {"keep": 1.0, "tau": 0.975, "k": 2, "rows": "all", "min_keep": 1}
 
 
 def schedule(num_layers: int, keep: float | None = None, **params) -> list[Stage]:
-    p = resolve(NAME, DEFAULTS, {"keep": keep, **params})
-    layers = [int(p["k"]) - 1]
-    check_layers(NAME, layers, num_layers)
-    return [Stage(layers[0], float(p["keep"]))]
+    return stage_after_k(NAME, DEFAULTS, num_layers, keep, params)
 
 
 def needs(stage: int = 0, **params) -> tuple[str, ...]:
