@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from vlsparse.cli.bench_e2e import E2E_HELP, e2e_command
+from vlsparse.cli.bench_tokens import TOKENS_HELP, tokens_command
 from vlsparse.cli.errors import friendly_errors
 from vlsparse.cli.options import JsonOpt, QuietOpt, parse_fractions, parse_ints
 
@@ -74,4 +75,5 @@ def register(app: typer.Typer) -> None:
     bench_app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
     bench_app.command("attention", help=ATTENTION_HELP)(attention_command)
     bench_app.command("e2e", help=E2E_HELP)(e2e_command)
+    bench_app.command("tokens", help=TOKENS_HELP)(tokens_command)
     app.add_typer(bench_app, name="bench")

@@ -15,16 +15,18 @@ from vlsparse.cli.errors import friendly_errors
 from vlsparse.cli.options import DeviceOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt
 from vlsparse.cli.quiet import quiet_transformers
 
-E2E_HELP = """Dense vs sparse attention vs core tokens vs core neurons vs everything combined, one run.
+E2E_HELP = """Dense vs sparse attention vs core tokens vs core neurons vs token reduction vs everything combined.
 
 On the demo's long-context task, for each configuration: accuracy (held-out
 seeds), prefill ms, decode tokens/s (a speed pass with a fixed number of new
 tokens on the first prompts), KV-cache size and peak resident-memory growth,
-with speedups against dense. `combined` runs sparse attention, core tokens and
-core neurons on --pruned (a `vlsparse prune --ratio 0.5` checkpoint) when given.
-The profile (--profile, else ./profiles/MODEL.yaml if made for this model, else the
-model folder's vlsparse.yaml) must hold `attention` (from `vlsparse profile`) and
-`core` (from `vlsparse calibrate`); a missing part runs dense and says so.
+with speedups against dense. `tokens` runs the profile's visual-token-reduction
+method (`vlsparse calibrate --tokens METHOD`). `combined` runs sparse attention, core
+neurons and token reduction (the `tokens` method, else core tokens) on --pruned (a
+`vlsparse prune --ratio 0.5` checkpoint) when given. The profile (--profile, else
+./profiles/MODEL.yaml if made for this model, else the model folder's vlsparse.yaml)
+should hold `attention` (from `vlsparse profile`), `core` (from `vlsparse calibrate`)
+and `tokens` (from `vlsparse calibrate --tokens`); a missing part runs dense and says so.
 
 Examples:
 
@@ -32,6 +34,7 @@ Examples:
   vlsparse bench e2e
   vlsparse bench e2e --pruned ./demo-pruned --n 100 --json
   vlsparse bench e2e --task grid --configs dense,core_tokens --threads 1
+  vlsparse bench e2e --configs dense,tokens,combined --pruned ./demo-pruned
 """
 
 
@@ -45,7 +48,7 @@ def e2e_command(
     pruned: Annotated[Optional[str], typer.Option("--pruned", help="Pruned checkpoint for the combined row.",
                                                   show_default=False)] = None,
     configs: Annotated[str, typer.Option("--configs", help="Comma-separated configurations.")]
-    = "dense,sparse_attention,core_tokens,core_neurons,combined",
+    = "dense,sparse_attention,core_tokens,core_neurons,tokens,combined",
     speed_prompts: Annotated[int, typer.Option("--speed-prompts", help="Prompts in the speed pass.", min=1)] = 2,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="New tokens per speed-pass prompt.",
                                                min=2)] = 16,

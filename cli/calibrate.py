@@ -1,4 +1,5 @@
-"""`vlsparse calibrate`: core neurons and core tokens (CoreInfer / CoreMatching / CATS) -> the profile's `core`."""
+"""`vlsparse calibrate`: core neurons and core tokens (CoreInfer / CoreMatching / CATS) -> the profile's `core`;
+with --tokens, a visual-token-reduction method and its keep ratio -> the profile's `tokens`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt,
                                   ModelOpt, QuietOpt, SeedOpt, TrustRemoteCodeOpt, existing_paths, parse_fractions)
 from vlsparse.cli.quiet import quiet_transformers
 
-HELP = """Calibrate core neurons and core tokens -> the `core` section of a profile (YAML).
+HELP = """Calibrate core neurons and core tokens -> the `core` section of a profile (YAML), or a
+visual-token-reduction method (--tokens) -> its `tokens` section.
 
 Three passes over the calibration samples: (1) dense prefill: per language-model
 layer, a histogram of |act(gate(x))| and its CATS threshold at --cats-sparsity;
@@ -31,8 +33,16 @@ is <= --kl-budget and whose next token matches dense on at least --min-top1 of
 the samples (default: all). With 4 samples that guard passed a token layer that
 cost 28 points of demo accuracy; with the default 16 it refused it.
 
+With --tokens METHOD (fastv, pyramiddrop, feather, zipvl, visionzip, divprune,
+todre) it calibrates that token-reduction method instead: --keep R keeps R of the
+image tokens (the method's main ratio); --keep auto takes the smallest of 0.11,
+0.25 and 0.5 whose calibration answers (greedy, up to EOS: the first answer token
+AND the whole answer) all match dense. The guard is reported either way; the result
+is the profile's `tokens` section, which `vlsparse run` then uses (--no-tokens turns
+it off).
+
 Calibration data as for `vlsparse profile`: demo scenes (VLMs), pydoc text (LMs),
-or --calib FILE.jsonl. The core section is added to --profile (or, found by the
+or --calib FILE.jsonl. The core (or tokens) section is added to --profile (or, found by the
 rule `run` uses, ./profiles/MODEL.yaml, else the model folder's vlsparse.yaml;
 other sections are kept), written to --out (default: ./profiles/MODEL.yaml). Nothing is
 written into the model folder; replacing an existing profile, the one read
@@ -45,7 +55,49 @@ Examples:
   vlsparse calibrate --model ./demo-pruned --samples 8 --beta 0.4
   vlsparse calibrate --model ./llava-1.5-7b-hf --calib calib.jsonl --token-layers 2-8 --score auto
   vlsparse calibrate --model smollm2 --neuron-layers 5-27 --out smollm2-core.yaml
+  vlsparse calibrate --tokens fastv --keep 0.25
+  vlsparse calibrate --tokens pyramiddrop --keep auto --samples 8
+  vlsparse calibrate --tokens fastv --keep 0.5 --token-param k=3 --token-param rows=last
 """
+
+
+def tokens_table(section: dict, model_name: str, out: Path) -> Table:
+    from vlsparse.profile.tokens import schedule_text
+
+    title = f"vlsparse calibrate --tokens · {model_name}"
+    table = Table(title=title, show_header=False, title_justify="left", min_width=len(title))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("method", section["method"])
+    table.add_row("keep", f"{section['keep']:g}" + (" (auto)" if section["guard"]["auto"] else ""))
+    if section["params"]:
+        table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in section["params"].items()))
+    table.add_row("schedule", schedule_text([(s["layer"], s["keep"]) for s in section["schedule"]]))
+    for row in section["guard"]["candidates"]:
+        kept = "" if row["image_kept"] is None else f", image tokens kept {row['image_kept']:.0%}"
+        table.add_row(f"  guard at keep {row['keep']:g}",
+                      f"{'passed' if row['passed'] else 'FAILED'}: first token {row['first_token']:.0%}, "
+                      f"answer {row['answer']:.0%}{kept}")
+    table.add_row("profile", str(out))
+    return table
+
+
+def parse_token_params(items: list[str] | None) -> dict:
+    """``["k=3", "layers=[1, 2]"]`` -> ``{"k": 3, "layers": [1, 2]}`` (values read as YAML)."""
+    import yaml
+
+    from vlsparse.errors import InputError
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise InputError(f"--token-param {item!r} is not NAME=VALUE", "e.g. --token-param k=3")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InputError(f"--token-param {item!r}: cannot read the value", "e.g. --token-param layers=[1,2]") from None
+    return out
 
 
 def summary_table(core: dict, model_name: str, out: Path) -> Table:
@@ -59,6 +111,10 @@ def summary_table(core: dict, model_name: str, out: Path) -> Table:
         chosen = [r["decode_error"] for r in layers if span["first"] <= r["layer"] <= span["last"]]
         table.add_row("core-neuron layers", f"{span['first']}-{span['last']} of {len(layers)}")
         table.add_row("  decode FFN error (mean)", f"{sum(chosen) / len(chosen):.3f}")
+    guard = neurons.get("guard")
+    if guard:
+        dropped = f", layers {', '.join(map(str, guard['dropped_layers']))} left out" if guard["dropped_layers"] else ""
+        table.add_row("  answer guard", f"{guard['matched']}/{guard['prompts']} greedy answers equal dense{dropped}")
     else:
         table.add_row("core-neuron layers", f"none (no layer with error <= {neurons['max_error']})")
     table.add_row("  alpha, beta", f"{neurons['alpha']:g}, {neurons['beta']:g}")
@@ -117,8 +173,21 @@ def calibrate(
                                                                          "each layer's threshold.")] = 0.5,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="Dense decode steps measured per sample.",
                                                min=1)] = 4,
+    tokens: Annotated[Optional[str], typer.Option(
+        "--tokens", help="Calibrate this visual-token-reduction method instead of core neurons/tokens.",
+        show_default=False)] = None,
+    keep: Annotated[str, typer.Option(
+        "--keep", help="With --tokens: share of image tokens kept (0-1], or auto (smallest of 0.11, 0.25, 0.5 "
+                       "whose calibration answers match dense).")] = "auto",
+    token_param: Annotated[Optional[list[str]], typer.Option(
+        "--token-param", help="With --tokens: a method parameter NAME=VALUE (repeatable), e.g. k=3.",
+        show_default=False)] = None,
+    guard_tokens: Annotated[int, typer.Option(
+        "--guard-tokens", help="Longest greedy answer the answer guards compare with dense, end of sequence "
+                               "included (core neurons and --tokens; 0 turns the core-neuron guard off).",
+        min=0)] = 32,
     profile: Annotated[Optional[Path], typer.Option(
-        "--profile", help="Existing profile to add the core section to.", show_default=False)] = None,
+        "--profile", help="Existing profile to add the section to.", show_default=False)] = None,
     out: Annotated[Optional[str], typer.Option(
         "--out", "-o", help="Where to write [default: ./profiles/MODEL.yaml; never inside the model folder].",
         show_default=False)] = None,
@@ -134,7 +203,6 @@ def calibrate(
     from vlsparse.atomic import check_output
     from vlsparse.errors import InputError
     from vlsparse.models import load
-    from vlsparse.profile import save_profile
     from vlsparse.profile.core import SCORE_RULES
     from vlsparse.profile.locate import default_profile_path, locate_profile
     from vlsparse.search.calibration import calibration_from
@@ -145,6 +213,14 @@ def calibrate(
         raise InputError(f"--out {out} should end in .yaml", "e.g. --out profiles/mymodel.yaml")
     if score != "auto" and score not in SCORE_RULES:
         raise InputError(f"unknown --score {score!r}", f"choose one of {', '.join(SCORE_RULES)} or auto")
+    keep_value = _keep(keep)
+    if tokens is None and (keep != "auto" or token_param):
+        raise InputError("--keep and --token-param apply to --tokens", "add --tokens METHOD, e.g. --tokens fastv")
+    if tokens is not None:
+        from vlsparse.tokens import method_named
+
+        method_named(tokens)  # an unknown method is refused before any model work
+    params = parse_token_params(token_param)
     inputs = existing_paths(model_arg, model, calib)
     if out:
         check_output(out, force=force, inputs=inputs)
@@ -162,6 +238,19 @@ def calibrate(
         token_span = parse_layers(token_layers, n_layers, "token_layers")
         keep_guards = parse_fractions(max_keep, "max-keep", "0.25,0.5")
         base_path, base = locate_profile(loaded.path, loaded.name, loaded.adapter.fingerprint(), profile, note=say)
+        if tokens is not None:
+            from vlsparse.profile.tokens import resolve_settings
+
+            if guard_tokens < 1:
+                from vlsparse.errors import InputError
+
+                raise InputError("--guard-tokens must be at least 1 with --tokens", "e.g. --guard-tokens 32")
+            if keep_value != "auto":  # the schedule must fit this model: checked before any calibration work
+                resolve_settings(tokens, keep_value, n_layers, params)
+            calibration = calibration_from(loaded, calib, samples=samples, seq_len=seq_len, seed=seed)
+            _calibrate_tokens(loaded, calibration, tokens, keep_value, params, guard_tokens, base, base_path,
+                              out_path, force, started, json_out, show, say, err)
+            return
         calibration = calibration_from(loaded, calib, samples=samples, seq_len=seq_len, seed=seed)
         core = calibrate_core(
             loaded, calibration, alpha=alpha, beta=beta, max_error=max_error,
@@ -169,18 +258,52 @@ def calibrate(
             scores=SCORE_RULES if score == "auto" else (score,), min_keep=min_keep,
             max_keep=keep_guards, kl_budget=kl_budget, min_top1=min_top1,
             cats_sparsity=cats_sparsity,
-            decode_tokens=decode_tokens, progress=say)
-    if base is not None and base.core is not None and show:
-        err.print(f"Note: replacing the core section of {base_path}", markup=False, highlight=False)
-    save_profile(core_profile(loaded, core, base), out_path, force=force)
+            decode_tokens=decode_tokens, guard_tokens=guard_tokens, progress=say)
+    _save_section("core", core, core_profile(loaded, core, base), summary_table(core, loaded.name, out_path),
+                  base is not None and base.core is not None, base_path, out_path, force, started, json_out, show, err)
+
+
+def _save_section(name: str, section: dict, profile, table, replacing: bool, base_path, out_path: Path, force: bool,
+                  started: float, json_out: bool, show: bool, err) -> None:
+    """Write the profile holding the new section, then say so: JSON, or the summary table and the time."""
+    from vlsparse.profile import save_profile
+
+    if replacing and show:
+        err.print(f"Note: replacing the {name} section of {base_path}", markup=False, highlight=False)
+    save_profile(profile, out_path, force=force)
     seconds = time.perf_counter() - started
     if json_out:
-        typer.echo(json.dumps({"out": str(out_path), "seconds": seconds, "core": core}, indent=2))
+        typer.echo(json.dumps({"out": str(out_path), "seconds": seconds, name: section}, indent=2))
         return
     if show:
-        err.print(summary_table(core, loaded.name, out_path))
+        err.print(table)
         err.print(f"time {seconds:.1f} s", markup=False, highlight=False)
     typer.echo(str(out_path))
+
+
+def _keep(text: str) -> float | str:
+    from vlsparse.errors import InputError
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"--keep {text!r} is neither a ratio nor auto", "e.g. --keep 0.25 or --keep auto") from None
+    if not 0 < value <= 1:
+        raise InputError(f"--keep must lie in (0, 1], got {text}", "e.g. --keep 0.25")
+    return value
+
+
+def _calibrate_tokens(loaded, calibration, method, keep, params, guard_tokens, base, base_path, out_path, force,
+                      started, json_out, show, say, err) -> None:
+    from vlsparse.compress.token_calibrate import calibrate_tokens, tokens_profile
+
+    section = calibrate_tokens(loaded, calibration, method, keep, params, max_new_tokens=guard_tokens,
+                               progress=say)
+    _save_section("tokens", section, tokens_profile(loaded, section, base),
+                  tokens_table(section, loaded.name, out_path), base is not None and base.tokens is not None,
+                  base_path, out_path, force, started, json_out, show, err)
 
 
 def register(app: typer.Typer) -> None:

@@ -35,9 +35,11 @@ Examples:
 
   vlsparse eval --task demo-multi --n 100 --profile profiles/demo.yaml   # sparse vs dense, same samples
 
-With --profile, every sample is answered twice in turn, dense and then with the profile's
-sparse attention (prefills of 512+ tokens), and the report sets the two side by side:
-accuracy, answers that agree, attention density kept, and median prefill time.
+With --profile, every sample is answered in turn dense and with the profile: its sparse
+attention (prefills of 512+ tokens), its visual-token reduction (`tokens` section, from
+`vlsparse calibrate --tokens`), and both together (`combined`) when it has both; the
+report sets them side by side: accuracy per question type, answers that agree with
+dense, image tokens kept, attention density kept, and median prefill time.
 """
 
 
@@ -55,22 +57,34 @@ def _demo_table(result: dict, model: str, task: str) -> Table:
     return table
 
 
-def _compare_table(sparse: dict, model: str, task: str, profile: Path) -> Table:
-    dense = sparse["dense"]
+def _compare_table(result: dict, model: str, task: str, profile: Path) -> Table:
+    dense, configs = result["dense"], result["configs"]
     title = f"vlsparse eval · {model} · {task} · dense vs {profile.name}"
     table = Table(title=title, title_justify="left", min_width=len(title))
-    for col in ("question type", "n", "dense", "sparse"):
-        table.add_column(col, justify="left" if col == "question type" else "right")
-    for qtype, row in sorted(sparse["per_qtype"].items()):
-        table.add_row(qtype, str(row["n"]), f"{dense['per_qtype'][qtype]['accuracy']:.3f}", f"{row['accuracy']:.3f}")
-    table.add_row("all", str(sparse["n"]), f"{dense['accuracy']:.3f}", f"{sparse['accuracy']:.3f}", style="bold")
-    table.add_row("median prefill", "", f"{sparse['prefill_ms']['dense']:.1f} ms", f"{sparse['prefill_ms']['sparse']:.1f} ms")
-    density = sparse["attention_density"]
-    table.caption = (f"accuracy delta {sparse['accuracy_delta']:+.3f} · same answer {sparse['agreement']:.1%} · "
-                     f"prefill speedup {sparse['prefill_speedup']:.2f}x · attention kept "
-                     f"{'n/a (prompts under the runtime minimum)' if density is None else f'{density:.1%}'} · "
-                     f"chance {sparse['chance']:.3f} · mean prompt tokens {sparse['mean_prompt_tokens']:.0f}")
+    table.add_column("question type")
+    table.add_column("n", justify="right")
+    for name in ("dense", *configs):
+        table.add_column(name, justify="right")
+    for qtype, row in sorted(dense["per_qtype"].items()):
+        table.add_row(qtype, str(row["n"]), f"{row['accuracy']:.3f}",
+                      *(f"{c['per_qtype'][qtype]['accuracy']:.3f}" for c in configs.values()))
+    table.add_row("all", str(dense["n"]), f"{dense['accuracy']:.3f}",
+                  *(f"{c['accuracy']:.3f}" for c in configs.values()), style="bold")
+    table.add_row("same answer as dense", "", "", *(f"{c['agreement']:.1%}" for c in configs.values()))
+    table.add_row("median prefill", "", f"{result['prefill_ms']['dense']:.1f} ms",
+                  *(f"{c['prefill_ms']:.1f} ms" for c in configs.values()))
+    table.add_row("image tokens kept", "", "", *(_kept(c) for c in configs.values()))
+    density = result.get("attention_density")
+    table.caption = (f"accuracy delta {result['accuracy_delta']:+.3f} · prefill speedup "
+                     f"{result['prefill_speedup']:.2f}x (the profile as a whole) · attention kept "
+                     f"{'n/a (no attention section, or prompts under the runtime minimum)' if density is None else f'{density:.1%}'}"
+                     f" · chance {result['chance']:.3f} · mean prompt tokens {result['mean_prompt_tokens']:.0f}")
     return table
+
+
+def _kept(config: dict) -> str:
+    kept, total = config.get("image_tokens_kept"), config.get("image_tokens_total")
+    return f"{kept}/{total}" if total else "-"
 
 
 def _ppl_table(result, model: str) -> Table:
@@ -90,7 +104,8 @@ def eval_command(
     seed: SeedOpt = 0,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Window length in tokens (pydoc-ppl).", min=16)] = 512,
     profile: Annotated[Optional[Path], typer.Option(
-        "--profile", help="Also answer with this profile's sparse attention; report it next to dense.",
+        "--profile", help="Also answer with this profile's sparse attention and token reduction; report them "
+                          "next to dense.",
         show_default=False)] = None,
     backend: Annotated[str, typer.Option("--backend", help="Sparse kernels (with --profile): auto, triton or torch.")] = "auto",
     device: DeviceOpt = "auto",
@@ -145,46 +160,88 @@ def _demo_accuracy(loaded, task: str, n: int, seed: int, err: Console) -> dict:
 
 
 def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backend: str, err: Console) -> dict:
-    """The same samples answered dense and with ``profile``'s sparse attention, taking turns per sample."""
+    """The same samples answered dense and with ``profile``, taking turns per sample.
+
+    Configurations: ``sparse`` (its attention section), ``tokens`` (its tokens section) and,
+    with both, ``combined``. The top level of the result is the profile as a whole (the
+    last configuration) next to ``dense``; ``configs`` holds each one.
+    """
     from vlsparse.bench.timing import ForwardClock
     from vlsparse.demo.evaluate import evaluate_paired
+    from vlsparse.errors import InputError
     from vlsparse.kernels.runtime import attach, detach, set_enabled
-    from vlsparse.profile import load_profile
+    from vlsparse.kernels.token_runtime import attach_profile_tokens, detach_tokens
+    from vlsparse.profile import check_profile_matches, load_profile
 
     profile_obj = load_profile(profile)
-    clocks = {"dense": ForwardClock(), "sparse": ForwardClock()}
-    runtime = attach(loaded, profile_obj, backend=backend)
+    check_profile_matches(profile_obj, loaded.adapter.fingerprint(), f"profile {profile}")
+    if profile_obj.attention is None and profile_obj.tokens is None:
+        raise InputError(f"profile {profile} has neither an attention nor a tokens section",
+                         "make one with `vlsparse profile` or `vlsparse calibrate --tokens METHOD`")
+    names = [name for name, present in (("sparse", profile_obj.attention is not None),
+                                        ("tokens", profile_obj.tokens is not None)) if present]
+    if len(names) == 2:
+        names.append("combined")
+    clocks = {name: ForwardClock() for name in ("dense", *names)}
+    runtime = attach(loaded, profile_obj, backend=backend) if profile_obj.attention is not None else None
+    tokens = attach_profile_tokens(loaded, profile_obj, sparse_runtime=runtime)
     handles: list = []  # the hooks of the clock of the current mode
     densities: list[float] = []
+    kept: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
+    current: list[str] = []
+
+    def note() -> None:  # what the mode that just answered kept
+        if not current:
+            return
+        name = current[0]
+        if tokens is not None and name in ("tokens", "combined"):
+            st = tokens.stats()
+            kept[name].append((st["image_tokens_kept"], st["image_tokens_total"]))
+        if runtime is not None and name in ("sparse", "combined") and runtime.mean_density() is not None:
+            densities.append(runtime.mean_density())
+        current.clear()  # noted once
 
     def mode(name: str):
         def switch() -> None:
-            set_enabled(loaded, runtime, name == "sparse")
+            note()
+            current[:] = [name]
+            if runtime is not None:
+                set_enabled(loaded, runtime, name in ("sparse", "combined"))
+            if tokens is not None:
+                tokens.enabled = name in ("tokens", "combined")
             for handle in handles:
                 handle.remove()
             handles[:] = clocks[name].attach(loaded.model)
         return switch
 
-    def note_density() -> None:
-        density = runtime.mean_density()
-        if density is not None:
-            densities.append(density)
-
     try:
-        with err.status(f"answering {n} {task} questions, dense and sparse in turn"):
-            modes = {"dense": mode("dense"), "sparse": mode("sparse")}
+        with err.status(f"answering {n} {task} questions, dense and {', '.join(names)} in turn"):
+            modes = {name: mode(name) for name in ("dense", *names)}
             results = evaluate_paired(loaded.model, loaded.processor, modes, task=task, n=n, seed=seed,
-                                      progress=note_density)
+                                      progress=note)
     finally:
         for handle in handles:
             handle.remove()
-        detach(loaded, runtime)
-    dense, sparse = results["dense"], results["sparse"]
+        if tokens is not None:
+            detach_tokens(loaded, tokens)
+        if runtime is not None:
+            detach(loaded, runtime)
+    dense = results["dense"]
     prefill = {name: 1000 * statistics.median(c.prefill_s) for name, c in clocks.items()}
-    same = sum(a == b for a, b in zip(dense["answers"], sparse["answers"]))
-    return {**sparse, "dense": dense, "accuracy_delta": sparse["accuracy"] - dense["accuracy"],
-            "agreement": same / n, "attention_density": statistics.mean(densities) if densities else None,
-            "prefill_ms": prefill, "prefill_speedup": prefill["dense"] / prefill["sparse"]}
+    configs = {}
+    for name in names:
+        same = sum(a == b for a, b in zip(dense["answers"], results[name]["answers"]))
+        pairs = kept[name]
+        configs[name] = {**results[name], "accuracy_delta": results[name]["accuracy"] - dense["accuracy"],
+                         "agreement": same / n, "prefill_ms": prefill[name],
+                         "prefill_speedup": prefill["dense"] / prefill[name],
+                         "image_tokens_kept": sum(k for k, _ in pairs) if pairs else None,
+                         "image_tokens_total": sum(t for _, t in pairs) if pairs else None}
+    whole = names[-1]
+    return {**configs[whole], "dense": dense, "configs": configs,
+            "attention_density": statistics.mean(densities) if densities else None,
+            "prefill_ms": {"dense": prefill["dense"], "sparse": prefill[whole]},
+            "prefill_speedup": prefill["dense"] / prefill[whole]}
 
 
 def register(app: typer.Typer) -> None:

@@ -27,6 +27,11 @@ Examples:
   vlsparse run --model ./llava-1.5-7b-hf photo.jpg "What is in the picture?"
 
   vlsparse run --model ./SmolLM2-135M-Instruct "What is the capital of France?"
+
+  vlsparse run --no-tokens examples/scene.png "What color is the circle?"   # keep every image token
+
+A profile's `tokens` section (`vlsparse calibrate --tokens METHOD`) drops image tokens
+with that method; it replaces the `core` section's core tokens when both are present.
 """
 
 
@@ -70,6 +75,9 @@ def run(
     core: Annotated[Optional[bool], typer.Option(
         "--core/--no-core", help="Core neurons and core tokens from the profile's `core` section "
                                  "[default: on when the profile has one].", show_default=False)] = None,
+    tokens: Annotated[Optional[bool], typer.Option(
+        "--tokens/--no-tokens", help="Visual-token reduction from the profile's `tokens` section "
+                                     "[default: on when the profile has one].", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
@@ -98,14 +106,21 @@ def run(
         profile_path, profile_obj = (None, None) if dense_only else find_profile(loaded, profile, err)
         if core and (profile_obj is None or profile_obj.core is None):
             raise InputError("--core needs a profile with a `core` section", "run `vlsparse calibrate` first")
+        if tokens and (profile_obj is None or profile_obj.tokens is None):
+            raise InputError("--tokens needs a profile with a `tokens` section",
+                             "run `vlsparse calibrate --tokens METHOD` first")
+        use_tokens = tokens is not False and profile_obj is not None and profile_obj.tokens is not None
         dense = generate_answer(loaded, batch, max_new_tokens) if compare and profile_obj else None
         runtime = attach_attention(loaded, profile_obj, backend)
-        core_runtime = attach_core(loaded, profile_obj, runtime) if core is not False else None
+        core_runtime = attach_core(loaded, profile_obj, runtime, tokens=not use_tokens) if core is not False else None
+        token_runtime = attach_tokens(loaded, profile_obj, runtime) if use_tokens else None
         answer = generate_answer(loaded, batch, max_new_tokens=max_new_tokens)
     attention = "dense" if runtime is None else _describe(runtime, profile_path)
     core_stats = core_runtime.stats() if core_runtime is not None else {}
+    token_stats = token_runtime.stats() if token_runtime is not None else {}
     if json_out:
-        extra = {"attention": attention, "profile": str(profile_path) if profile_path else None, "core": core_stats}
+        extra = {"attention": attention, "profile": str(profile_path) if profile_path else None, "core": core_stats,
+                 "tokens": token_stats}
         if dense is not None:
             extra.update(dense_prefill_ms=dense.prefill_ms, prefill_speedup=dense.prefill_ms / answer.prefill_ms,
                          dense_decode_tokens_per_s=dense.decode_tokens_per_s, dense_text=dense.text)
@@ -113,6 +128,8 @@ def run(
         return
     typer.echo(answer.text)
     table = summary_table(answer, loaded.name, attention, dense)
+    if token_runtime is not None:
+        table.add_row("image tokens kept", token_runtime.describe().removeprefix("image tokens kept "))
     if core_stats.get("core_tokens"):
         table.add_row("image tokens kept", f"{core_stats['image_tokens_kept']} / {core_stats['image_tokens_total']}")
     if core_stats.get("core_neurons"):
@@ -150,12 +167,18 @@ def attach_attention(loaded, profile, backend: str):
     return attach(loaded, profile, backend=backend)
 
 
-def attach_core(loaded, profile, sparse_runtime):
+def attach_core(loaded, profile, sparse_runtime, tokens: bool = True):
     if profile is None or profile.core is None:
         return None
     from vlsparse.kernels.core_runtime import attach_profile_core
 
-    return attach_profile_core(loaded, profile, sparse_runtime=sparse_runtime)
+    return attach_profile_core(loaded, profile, tokens=tokens, sparse_runtime=sparse_runtime)
+
+
+def attach_tokens(loaded, profile, sparse_runtime):
+    from vlsparse.kernels.token_runtime import attach_profile_tokens
+
+    return attach_profile_tokens(loaded, profile, sparse_runtime=sparse_runtime)
 
 
 def _describe(runtime, profile_path: Path) -> str:

@@ -166,7 +166,7 @@ def _find_source_profile(config: PruneConfig, fingerprint, cwd: Path):
             check_profile_matches(profile, fingerprint)
         except ProfileError:
             continue
-        if profile.attention is not None or profile.core is not None:
+        if profile.attention is not None or profile.core is not None or profile.tokens is not None:
             return profile, str(path)
     return None, None
 

@@ -11,6 +11,11 @@ long-context scenes for VLMs, pydoc text for LMs, or a JSONL file):
    relative error of each decode token's FFN output restricted to K,
    ``||down(a ⊙ 1[K]) - down(a)|| / ||down(a)||``. The neuron layers are the longest
    run of consecutive layers whose mean error is at most ``max_error`` (or given).
+   Then the answer guard: greedy answers up to ``guard_tokens`` (end-of-sequence included)
+   with core neurons must equal the dense ones, on the calibration prompts plus short ones
+   (one-image demo questions when calibrating on demo scenes). While one answer differs,
+   the run loses its end layer with the larger decode error. (Without the guard, on the
+   demo model, a one-image question lost its end-of-sequence token and repeated its answer.)
 3. Core tokens (VLMs): for each candidate token layer, scoring rule and upper keep
    guard, a prefill with image tokens really dropped (``vlsparse.kernels.core_runtime``); KL divergence
    of the next-token distribution from the dense one, top-1 agreement, kept share of
@@ -33,6 +38,8 @@ The ``core`` section (YAML; every list item is a mapping with named fields)::
         layers: {first: 2, last: 9} # inclusive range of LM layers; null = none
         sample_tokens: 1024         # count frequencies over at most this many prompt tokens (0 = all)
         max_error: 0.5              # the selection rule's bound on mean decode error
+        guard: {prompts: 20, new_tokens: 16, matched: 20, prompt_tokens: {least: 153, most: 4189},
+                dropped_layers: [1]}     # the answer guard: whole greedy answers equal dense
       tokens:                       # core-token dropping (CoreMatching); layer null = off
         layer: 2                    # image tokens are dropped after this LM layer
         min_keep: 0.1               # guards on the kept share of image tokens
@@ -159,11 +166,14 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
                    scores: Sequence[str] = ("text",), min_keep: float = 0.1,
                    max_keep: Sequence[float] = (0.25, 0.5),
                    kl_budget: float = 0.1, min_top1: float = 1.0, cats_sparsity: float = 0.5, decode_tokens: int = 4,
-                   sample_tokens: int = 1024, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   sample_tokens: int = 1024, guard_tokens: int = 16, guard_inputs: Sequence[dict] | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure ``loaded`` on ``calibration`` (a ``search.calibration.CalibrationSet``) -> the ``core`` section.
 
     ``neuron_layers`` / ``token_layers`` fix the neuron layers / the token-layer
-    candidates (default: chosen by error / layers 0..N//2 but not the last). See the module docstring.
+    candidates (default: chosen by error / layers 0..N//2 but not the last). ``guard_inputs``:
+    extra prepared prompts for the answer guard (default: short demo questions when the
+    calibration is demo scenes). See the module docstring.
     """
     from vlsparse.compress.core import (histogram_quantile, log_bin_edges, magnitude_histogram, next_token_kl,
                                         sliced_output_error)
@@ -246,6 +256,14 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
         run = longest_run([row["decode_error"] <= max_error for row in layer_rows])
     else:
         run = (min(neuron_layers), max(neuron_layers)) if neuron_layers else None
+    guard = None
+    if run is not None and guard_tokens > 0:
+        from vlsparse.compress.core_guard import answer_guard, short_demo_inputs
+
+        extra = list(guard_inputs) if guard_inputs is not None else short_demo_inputs(loaded, calibration)
+        run, guard = answer_guard(loaded, [*inputs, *extra], run, layer_rows, CoreSettings(
+            alpha=alpha, beta=beta, sample_tokens=sample_tokens, thresholds=dict(enumerate(thresholds))),
+            guard_tokens, automatic=neuron_layers is None, say=say)
 
     # pass 3: core-token candidates
     tokens: dict[str, Any] = {"layer": None, "min_keep": min_keep, "max_keep": max_keep[-1], "score": scores[0],
@@ -263,7 +281,8 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
         "calibration": {"source": calibration.source, "samples": len(samples), "seq_len": calibration.seq_len,
                         "seed": calibration.seed, "decode_tokens": decode_tokens},
         "neurons": {"alpha": alpha, "beta": beta, "layers": {"first": run[0], "last": run[1]} if run else None,
-                    "sample_tokens": sample_tokens, "max_error": max_error},
+                    "sample_tokens": sample_tokens, "max_error": max_error,
+                    **({"guard": guard} if guard else {})},
         "tokens": tokens,
         "thresholds": {"of": "abs_act_gate", "sparsity": cats_sparsity},
         "layers": layer_rows,
@@ -312,13 +331,6 @@ def _mean(values: Sequence[float]) -> float:
 
 def core_profile(loaded, core: dict[str, Any], base=None):
     """A ``Profile`` holding ``core``: ``base`` with its core section replaced, or a new one."""
-    from vlsparse.profile import Calibration, Profile, check_profile_matches
+    from vlsparse.profile import with_section
 
-    fingerprint = loaded.adapter.fingerprint()
-    if base is None:
-        c = core["calibration"]
-        return Profile(model=fingerprint, calibration=Calibration(c["source"], c["samples"], c["seq_len"], c["seed"]),
-                       core=core)
-    check_profile_matches(base, fingerprint)
-    base.core = core
-    return base
+    return with_section(loaded.adapter.fingerprint(), "core", core, base)

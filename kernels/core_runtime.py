@@ -19,12 +19,10 @@ model forward:
   reference tokens: ``text`` = the prompt's non-image tokens, ``all`` = every prompt
   token, ``last`` = the last prompt token), cuts at the elbow within the keep guards
   and returns the hidden states of the survivors only (text tokens always survive).
-  Forward pre-hooks on the layers after L gather ``position_embeddings`` (cos, sin:
-  sequence on dim -2 for 1-D and multimodal RoPE alike), ``position_ids`` and a 4-D
-  ``attention_mask`` (rows and key columns) to the survivors, so they keep their
-  original rotary positions. Their KV caches then hold only survivors; decode
-  positions still come from the full count (generate's ``position_ids``, or layer 0's
-  cache length), and key columns of a decode mask are gathered the same way.
+  The dropping itself (survivors keep their rotary positions, later layers' masks and
+  KV caches hold only survivors) is ``vlsparse.kernels.token_drop``, shared with the
+  visual-token-reduction runtime ``vlsparse.kernels.token_runtime``; decode positions
+  still come from the full count (generate's ``position_ids``, or layer 0's cache length).
 
 Image positions come from ``adapter.image_spans`` on the prompt (a forward pre-hook
 on the model, like ``vlsparse.kernels.runtime``). Token dropping needs batch size 1
@@ -42,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlsparse.compat import cache_length, cache_of_call
+from vlsparse.kernels.token_drop import Drop, TokenDrop, attach_drop, check_free, detach_drop, note_call
 from vlsparse.kernels.core_select import (core_match_scores, evenly_spaced, select_core_tokens, sentence_core,
                                           token_core_mask)
 from vlsparse.profile.core import SCORE_RULES, CoreSettings
@@ -58,11 +57,11 @@ class CoreRuntime:
     sparse_runtime: Any = None
     handles: list = field(default_factory=list, repr=False)
     swapped: list = field(default_factory=list, repr=False)
+    drop: TokenDrop | None = field(default=None, repr=False)
     # the current prompt
     prefill: bool = False
     prompt_len: int = 0
     image_mask: Tensor | None = field(default=None, repr=False)
-    keep: Tensor | None = field(default=None, repr=False)
     token_layer_core: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     image_total: int = 0
     image_kept: int = 0
@@ -75,10 +74,17 @@ class CoreRuntime:
         """A new prompt: ``image_mask`` marks the image tokens to drop from (None: drop nothing);
         ``image_total`` counts the prompt's image tokens when no mask is given."""
         self.prefill, self.prompt_len, self.image_mask = True, prompt_len, image_mask
-        self.keep, self.token_layer_core, self.note = None, None, note
+        self.token_layer_core, self.note = None, note
         self.image_total = int(image_mask.sum()) if image_mask is not None else (image_total or 0)
         self.image_kept = self.image_total
         self.core_kept, self.core_total = {}, {}
+        if self.drop is not None:
+            self.drop.start_prompt(prompt_len, image_mask)
+
+    @property
+    def keep(self) -> Tensor | None:
+        """Indices (into the full prompt) of the tokens that survived the token layer; None = all."""
+        return self.drop.keep if self.drop is not None else None
 
     def stats(self) -> dict[str, Any]:
         """What the last prompt kept: image tokens and core neurons (kept and total)."""
@@ -215,76 +221,25 @@ def score_image_tokens(mask: Tensor, act: Tensor, image_mask: Tensor, settings: 
     return core_match_scores(mask[image_mask], core)
 
 
-def _gather(t: Tensor, dim: int, index: Tensor) -> Tensor:
-    return t.index_select(dim, index.to(t.device))
+def _decide(runtime: CoreRuntime):
+    """The CoreMatching rule at the token layer, for ``vlsparse.kernels.token_drop``: text tokens and the
+    image tokens within the elbow cut survive."""
 
-
-def _drop_hook(runtime: CoreRuntime):
-    def hook(module, args, output):
+    def decide(layer: int, hidden: Tensor) -> Drop | None:
         rt, s = runtime, runtime.settings
-        if not (rt.enabled and rt.tokens and rt.prefill) or rt.image_mask is None or rt.token_layer_core is None:
+        if not (rt.enabled and rt.tokens) or rt.token_layer_core is None:
             return None
-        hidden = output[0] if isinstance(output, tuple) else output
         mask, act = rt.token_layer_core
         rt.token_layer_core = None
-        if hidden.shape[0] != 1 or hidden.shape[1] != rt.prompt_len:
-            return None
         image_mask = rt.image_mask.to(hidden.device)
         scores = score_image_tokens(mask, act, image_mask, s)
         kept_image = image_mask.nonzero().flatten()[select_core_tokens(scores, s.min_keep, s.max_keep)]
         keep_mask = ~image_mask
         keep_mask[kept_image] = True
-        rt.keep = keep_mask.nonzero().flatten()
         rt.image_kept = int(kept_image.numel())
-        if rt.sparse_runtime is not None:  # image spans in the shortened sequence, for layers after L
-            rt.sparse_runtime.spans = _runs(image_mask[rt.keep])
-        short = _gather(hidden, 1, rt.keep)
-        return (short, *output[1:]) if isinstance(output, tuple) else short
+        return Drop(keep_mask.nonzero().flatten())
 
-    return hook
-
-
-def _runs(flags: Tensor) -> list[tuple[int, int]]:
-    """Maximal runs [start, end) of True in a 1-D boolean tensor."""
-    runs: list[tuple[int, int]] = []
-    for pos in flags.nonzero().flatten().tolist():
-        if runs and runs[-1][1] == pos:
-            runs[-1] = (runs[-1][0], pos + 1)
-        else:
-            runs.append((pos, pos + 1))
-    return runs
-
-
-def _key_index(keep: Tensor, prompt_len: int, kv_len: int) -> Tensor:
-    """Key columns of the full sequence that a shortened layer holds: survivors, then all later tokens."""
-    later = torch.arange(prompt_len, kv_len, device=keep.device)
-    return torch.cat([keep, later])
-
-
-def _survivor_hook(runtime: CoreRuntime):
-    def hook(module, args, kwargs):
-        rt = runtime
-        if not rt.enabled or rt.keep is None:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        q_len, full = hidden.shape[1], rt.prompt_len
-        keep = rt.keep.to(hidden.device)
-        pe = kwargs.get("position_embeddings")
-        if pe is not None and pe[0].shape[-2] == full and q_len != full:
-            kwargs["position_embeddings"] = tuple(_gather(t, t.dim() - 2, keep) for t in pe)
-        pos = kwargs.get("position_ids")
-        if isinstance(pos, Tensor) and pos.shape[-1] == full and q_len != full:
-            kwargs["position_ids"] = _gather(pos, pos.dim() - 1, keep)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, Tensor) and mask.dim() in (2, 4):
-            if mask.dim() == 4 and mask.shape[-2] == full and q_len != full:
-                mask = _gather(mask, 2, keep)
-            if mask.shape[-1] >= full:
-                mask = _gather(mask, mask.dim() - 1, _key_index(keep, full, mask.shape[-1]))
-            kwargs["attention_mask"] = mask
-        return args, kwargs
-
-    return hook
+    return decide
 
 
 # ----------------------------------------------------------------------------- attach / detach
@@ -294,6 +249,9 @@ def _prompt_hook(runtime: CoreRuntime, adapter):
     def hook(module, args, kwargs):
         if cache_length(cache_of_call(kwargs)):
             runtime.prefill = False
+            if runtime.drop is not None:
+                runtime.drop.decode_step()
+                note_call(runtime.drop, kwargs)
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -330,6 +288,7 @@ def attach_core(loaded, settings: CoreSettings, neurons: bool = True, tokens: bo
                           sparse_runtime=sparse_runtime)
     wanted = set(settings.neuron_layers) if runtime.neurons else set()
     if runtime.tokens:
+        check_free(loaded.model)
         wanted.add(settings.token_layer)
     for index in sorted(wanted):
         layer = layers[index]
@@ -339,9 +298,8 @@ def attach_core(loaded, settings: CoreSettings, neurons: bool = True, tokens: bo
         runtime.swapped.append((layer, original))
     runtime.handles.append(loaded.model.register_forward_pre_hook(_prompt_hook(runtime, adapter), with_kwargs=True))
     if runtime.tokens:
-        runtime.handles.append(layers[settings.token_layer].register_forward_hook(_drop_hook(runtime)))
-        for layer in layers[settings.token_layer + 1:]:
-            runtime.handles.append(layer.register_forward_pre_hook(_survivor_hook(runtime), with_kwargs=True))
+        runtime.drop = attach_drop(loaded.model, adapter.language_model(), layers,
+                                   TokenDrop(_decide(runtime), (settings.token_layer,), sparse_runtime=sparse_runtime))
     return runtime
 
 
@@ -364,6 +322,8 @@ def attach_profile_core(loaded, profile, neurons: bool = True, tokens: bool = Tr
 def detach_core(loaded, runtime: CoreRuntime) -> None:
     """Put the original MLPs back and remove every hook: the model is dense again."""
     runtime.enabled = False
+    if runtime.drop is not None:
+        detach_drop(loaded.model, runtime.drop)
     for handle in runtime.handles:
         handle.remove()
     for layer, original in runtime.swapped:

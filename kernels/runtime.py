@@ -29,6 +29,10 @@ from vlsparse.profile import Profile, check_profile_matches
 
 ATTENTION_NAME = "vlsparse"
 RUNTIME_ATTR = "vlsparse_runtime"
+OBSERVER_ATTR = "vlsparse_observer"
+"""An attention module's observer: ``observer(module, query, key, attention_mask, kwargs)`` is called with the
+post-RoPE query [B, H, N, D] and key [B, Hkv, N, D] of every call (``vlsparse.kernels.token_runtime`` scores
+tokens with it); it must not change them."""
 
 
 @dataclass
@@ -101,7 +105,11 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
     """Registered as ``"vlsparse"``: sparse prefill where the profile says so, SDPA elsewhere.
 
     query: [B, H, N, D]; key, value: [B, Hkv, N, D]; returns ([B, N, H, D], None) like SDPA.
+    A module's observer (``OBSERVER_ATTR``), if any, sees query and key first.
     """
+    observer = getattr(module, OBSERVER_ATTR, None)
+    if observer is not None:
+        observer(module, query, key, attention_mask, kwargs)
     runtime: SparseRuntime | None = getattr(module, RUNTIME_ATTR, None)
     layer = getattr(module, "layer_idx", None)
     if runtime is None or layer is None or not _is_sparse_prefill(runtime, module, query, key, attention_mask):
@@ -166,9 +174,27 @@ def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512,
 
 
 def set_enabled(loaded, runtime: SparseRuntime, enabled: bool) -> None:
-    """Switch an attached runtime off (stock SDPA) or back on, e.g. to take turns with dense."""
+    """Switch an attached runtime off (stock SDPA) or back on, e.g. to take turns with dense.
+
+    While some attention module has an observer (token scoring), the model stays on ``"vlsparse"``,
+    which runs SDPA for a disabled runtime.
+    """
     runtime.enabled = enabled
-    loaded.model.set_attn_implementation(ATTENTION_NAME if enabled else "sdpa")
+    loaded.model.set_attn_implementation(ATTENTION_NAME if enabled or observed(loaded.model) else "sdpa")
+
+
+def observed(model) -> bool:
+    """Whether any module of ``model`` has an attention observer."""
+    return any(getattr(module, OBSERVER_ATTR, None) is not None for module in model.modules())
+
+
+def set_observer(module, observer) -> None:
+    """Give an attention module an observer (None removes it); see ``OBSERVER_ATTR``."""
+    if observer is None:
+        if hasattr(module, OBSERVER_ATTR):
+            delattr(module, OBSERVER_ATTR)
+    else:
+        setattr(module, OBSERVER_ATTR, observer)
 
 
 def detach(loaded, runtime: SparseRuntime) -> None:
@@ -184,5 +210,5 @@ def detach(loaded, runtime: SparseRuntime) -> None:
             delattr(module, RUNTIME_ATTR)
 
 
-__all__: list[Any] = ["ATTENTION_NAME", "SparseRuntime", "attach", "detach", "register_attention", "set_enabled",
-                      "vlsparse_attention"]
+__all__: list[Any] = ["ATTENTION_NAME", "OBSERVER_ATTR", "SparseRuntime", "attach", "detach", "observed",
+                      "register_attention", "set_enabled", "set_observer", "vlsparse_attention"]

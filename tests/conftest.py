@@ -37,6 +37,22 @@ def qwen2_vl_dir(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def llava4_dir(tiny_dir):
+    """A 4-layer tiny LLaVA: room for multi-stage token dropping."""
+    from tiny_models import tiny_llava
+
+    return tiny_llava(tiny_dir, layers=4)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl4_dir(tiny_dir):
+    """A 4-layer tiny Qwen2-VL (multimodal RoPE)."""
+    from tiny_models import tiny_qwen2_vl
+
+    return tiny_qwen2_vl(tiny_dir, layers=4)
+
+
+@pytest.fixture(scope="session")
 def qwen2_5_vl_dir(tiny_dir):
     from tiny_models import tiny_qwen2_5_vl
 

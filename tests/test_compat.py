@@ -80,6 +80,16 @@ def test_registered_attention_gets_the_documented_signature_and_replaces_sdpa(ll
     assert torch.allclose(logits, reference, atol=1e-6)
 
 
+def test_attn_implementation_reads_what_set_attn_implementation_set(llama):
+    assert compat.attn_implementation(llama) == "sdpa"
+    llama.set_attn_implementation("eager")
+    try:
+        assert compat.attn_implementation(llama) == "eager"
+    finally:
+        llama.set_attn_implementation("sdpa")
+    assert compat.attn_implementation(llama) == "sdpa"
+
+
 def test_registered_attention_gets_a_padding_mask_when_there_is_padding(llama):
     masks = []
 

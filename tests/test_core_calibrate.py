@@ -38,7 +38,7 @@ def test_calibrate_adds_a_core_section_the_runtime_reads(app, llava_dir, tmp_pat
     save_profile(Profile(model=loaded.adapter.fingerprint(), pruning={"ratio": 0.5}), base)
     out = tmp_path / "with-core.yaml"
     result = CliRunner().invoke(app, ["calibrate", str(llava_dir), "--samples", "1", "--seq-len", "128",
-                                      "--decode-tokens", "2", "--max-error", "10", "--profile", str(base),
+                                      "--decode-tokens", "2", "--max-error", "10", "--guard-tokens", "0", "--profile", str(base),
                                       "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["out"] == str(out)

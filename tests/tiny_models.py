@@ -39,8 +39,8 @@ def _text_config(vocab_size: int, **extra) -> dict:
     return base
 
 
-def tiny_llava(tmp_path: Path, strategy: str = "default", seed: int = 0) -> Path:
-    """LLaVA: CLIP tower (image 16, patch 4 -> 16 patches), Llama LM with GQA 4/2."""
+def tiny_llava(tmp_path: Path, strategy: str = "default", seed: int = 0, layers: int = 2) -> Path:
+    """LLaVA: CLIP tower (image 16, patch 4 -> 16 patches), Llama LM with GQA 4/2 (``layers`` deep)."""
     from transformers import (LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
                               CLIPVisionConfig)
 
@@ -50,7 +50,7 @@ def tiny_llava(tmp_path: Path, strategy: str = "default", seed: int = 0) -> Path
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=2, image_size=16, patch_size=4),
-        text_config=LlamaConfig(**_text_config(len(tok))),
+        text_config=LlamaConfig(**_text_config(len(tok), num_hidden_layers=layers)),
         image_token_index=image_token_id,
         vision_feature_select_strategy=strategy,
         vision_feature_layer=-1,
@@ -60,7 +60,7 @@ def tiny_llava(tmp_path: Path, strategy: str = "default", seed: int = 0) -> Path
     processor = LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=4,
                                vision_feature_select_strategy=strategy,
                                num_additional_image_tokens=1)
-    out = Path(tmp_path) / f"tiny-llava-{strategy}"
+    out = Path(tmp_path) / (f"tiny-llava-{strategy}" + (f"-{layers}" if layers != 2 else ""))
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
@@ -87,20 +87,21 @@ def _qwen_ids(tok) -> dict:
                 vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"))
 
 
-def tiny_qwen2_vl(tmp_path: Path, seed: int = 0) -> Path:
-    """Qwen2-VL: multimodal RoPE (sections 2,3,3 of head dim 16), patch 4, merge 2."""
+def tiny_qwen2_vl(tmp_path: Path, seed: int = 0, layers: int = 2) -> Path:
+    """Qwen2-VL: multimodal RoPE (sections 2,3,3 of head dim 16), patch 4, merge 2 (``layers`` LM layers)."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
     tok = _qwen_tokenizer()
     cfg = Qwen2VLConfig(
-        text_config=_text_config(len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        text_config=_text_config(len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                                 num_hidden_layers=layers),
         vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
                            temporal_patch_size=2, in_chans=3),
         **_qwen_ids(tok),
     )
     model = Qwen2VLForConditionalGeneration(cfg).eval()
-    return _save_qwen(model, tok, Path(tmp_path) / "tiny-qwen2-vl")
+    return _save_qwen(model, tok, Path(tmp_path) / ("tiny-qwen2-vl" + (f"-{layers}" if layers != 2 else "")))
 
 
 def tiny_qwen2_5_vl(tmp_path: Path, seed: int = 0) -> Path:

@@ -89,6 +89,11 @@ def register_attention(name: str, function: Callable) -> None:
     AttentionMaskInterface.register(name, sdpa_mask)
 
 
+def attn_implementation(model) -> str | None:
+    """The attention implementation a model runs now (``config._attn_implementation``: "sdpa", "eager", ...)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
 def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' own SDPA attention function, with the registry's signature."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

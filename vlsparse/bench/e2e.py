@@ -6,9 +6,13 @@ Configurations (``E2E_CONFIGS``), all on the same model and prompts:
 - ``sparse_attention``: the profile's attention patterns (``vlsparse.kernels.runtime``).
 - ``core_tokens``: image tokens dropped after the profile's token layer (``core_runtime``).
 - ``core_neurons``: decoding with the prompt's core neurons (``core_runtime``).
-- ``combined``: all three on the pruned checkpoint (``pruned``, e.g. ``vlsparse prune
-  --ratio 0.5``; the same model when none is given, which the row's note says), with
-  the attention and core sections of the checkpoint's profile (found by the rule of
+- ``tokens``: the profile's visual-token-reduction method (its ``tokens`` section, from
+  ``vlsparse calibrate --tokens``; ``token_runtime``).
+- ``combined``: everything on the pruned checkpoint (``pruned``, e.g. ``vlsparse prune
+  --ratio 0.5``; the same model when none is given, which the row's note says): sparse
+  attention, core neurons, and image tokens dropped by the ``tokens`` method when there
+  is one (else by core tokens; the two never run together), with the attention, core and
+  tokens sections of the checkpoint's profile (found by the rule of
   ``vlsparse.profile.locate``: ``./profiles/<checkpoint>.yaml``, which ``vlsparse calibrate
   --model CHECKPOINT`` writes, else its own ``vlsparse.yaml``) where it has them, else the
   main profile's.
@@ -30,7 +34,7 @@ one a decode step):
 - ``peak_mib``: the largest growth of resident memory during one configuration's speed
   runs over its level just before (``malloc_trim``-ed first),
   sampled every 5 ms: an estimate of the working memory beyond the weights;
-- image tokens and core neurons kept, from the core runtime's stats on the last prompt.
+- image tokens and core neurons kept, from the core/token runtime's stats on the last prompt.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import torch
 from vlsparse.bench.timing import ForwardClock
 from vlsparse.rss import RssPeak
 
-E2E_CONFIGS = ("dense", "sparse_attention", "core_tokens", "core_neurons", "combined")
+E2E_CONFIGS = ("dense", "sparse_attention", "core_tokens", "core_neurons", "tokens", "combined")
 
 
 def _generate(loaded, inputs: dict, new_tokens: int) -> None:
@@ -65,13 +69,30 @@ def demo_evaluate():
     return evaluate
 
 
-def _apply(config: str, loaded, profile, core_settings) -> tuple[Callable[[], None], Any, str]:
-    """Switch ``config`` on; returns (undo, core runtime or None, note)."""
+class _Stats:
+    """The stats of the runtimes a configuration attached: core neurons from the core runtime, image tokens
+    from the token runtime when there is one."""
+
+    def __init__(self, core, tokens) -> None:
+        self.core, self.tokens = core, tokens
+
+    def stats(self) -> dict[str, Any]:
+        out = self.core.stats() if self.core is not None else {}
+        if self.tokens is not None:
+            st = self.tokens.stats()
+            out.update(image_tokens_kept=st["image_tokens_kept"], image_tokens_total=st["image_tokens_total"],
+                       token_method=st["method"])
+        return out
+
+
+def _apply(config: str, loaded, profile, core_settings, token_settings=None) -> tuple[Callable[[], None], Any, str]:
+    """Switch ``config`` on; returns (undo, runtime stats or None, note)."""
     from vlsparse.kernels.core_runtime import attach_core, detach_core
     from vlsparse.kernels.runtime import attach, detach
+    from vlsparse.kernels.token_runtime import attach_tokens, detach_tokens
 
     undo: list[Callable[[], None]] = []
-    sparse = core = None
+    sparse = core = tokens = None
     notes = []
     if config in ("sparse_attention", "combined"):
         if profile is not None and profile.attention is not None:
@@ -79,14 +100,22 @@ def _apply(config: str, loaded, profile, core_settings) -> tuple[Callable[[], No
             undo.append(lambda: detach(loaded, sparse))
         else:
             notes.append("no attention profile: dense attention")
+    method = token_settings is not None and config in ("tokens", "combined")
     if config in ("core_tokens", "core_neurons", "combined"):
         if core_settings is not None:
             core = attach_core(loaded, core_settings, neurons=config != "core_tokens",
-                               tokens=config != "core_neurons", sparse_runtime=sparse)
+                               tokens=config == "core_tokens" or (config == "combined" and not method),
+                               sparse_runtime=sparse)
             undo.append(lambda: detach_core(loaded, core))
         else:
             notes.append("no core calibration in the profile")
-    return (lambda: [u() for u in reversed(undo)]), core, "; ".join(notes)
+    if method:
+        tokens = attach_tokens(loaded, token_settings, sparse_runtime=sparse)
+        undo.append(lambda: detach_tokens(loaded, tokens))
+    elif config == "tokens":
+        notes.append("no tokens section in the profile")
+    stats = _Stats(core, tokens) if core is not None or tokens is not None else None
+    return (lambda: [u() for u in reversed(undo)]), stats, "; ".join(notes)
 
 
 def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, seed: int = 0,
@@ -105,6 +134,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
     from vlsparse.models import load
     from vlsparse.profile.core import core_settings as parse_core
     from vlsparse.profile.locate import locate_profile
+    from vlsparse.profile.tokens import token_settings as parse_tokens
 
     unknown = [c for c in configs if c not in E2E_CONFIGS]
     if unknown:
@@ -119,15 +149,19 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
     base = load(model, device=device)
     _, prof = locate_profile(base.path, base.name, base.adapter.fingerprint(), profile, note=say)
     core = parse_core(prof.core, base.adapter.num_layers) if prof is not None and prof.core else None
+    tokens = parse_tokens(prof.tokens, base.adapter.num_layers) if prof is not None and prof.tokens else None
     order = ["dense"] + [c for c in E2E_CONFIGS if c in configs and c != "dense"]
     combined_model = load(pruned, device=device) if pruned and "combined" in order else base
-    profiles = {config: (prof, core) for config in order}
+    profiles = {config: (prof, core, tokens) for config in order}
     _, pruned_prof = (locate_profile(combined_model.path, combined_model.name,
                                      combined_model.adapter.fingerprint(), note=say)
                       if combined_model is not base else (None, None))
     if pruned_prof is not None:  # the pruned checkpoint's own profile, where it has the parts
         pruned_core = parse_core(pruned_prof.core, combined_model.adapter.num_layers) if pruned_prof.core else None
-        profiles["combined"] = (pruned_prof if pruned_prof.attention is not None else prof, pruned_core or core)
+        pruned_tokens = (parse_tokens(pruned_prof.tokens, combined_model.adapter.num_layers) if pruned_prof.tokens
+                         else None)
+        profiles["combined"] = (pruned_prof if pruned_prof.attention is not None else prof, pruned_core or core,
+                                pruned_tokens or tokens)
     rows: dict[str, dict[str, Any]] = {}
     prompts: list[dict] = []
     for config in order:  # accuracy, on the prompts the evaluator builds (the dense run keeps the first ones)
@@ -189,6 +223,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
             "decode_tokens_per_s": round(statistics.median(entry["decode"]), 2) if entry["decode"] else None,
             "kv_cache_mib": round(entry["kv"] / 2**20, 3), "peak_mib": round(entry["peak"], 1),
             "image_tokens_kept": stats.get("image_tokens_kept"), "image_tokens_total": stats.get("image_tokens_total"),
+            "token_method": stats.get("token_method"),
             "core_neurons_kept": stats.get("core_neurons_kept"), "core_neurons_total": stats.get("core_neurons_total"),
         })
         if not prompts:

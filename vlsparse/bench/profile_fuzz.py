@@ -29,6 +29,8 @@ RAN, PROFILE_ERROR = "ran", "ProfileError"
 CORE = {"version": 1, "neurons": {"alpha": 0.2, "beta": 0.5, "layers": {"first": 0, "last": 1}, "sample_tokens": 64},
         "tokens": {"layer": 0, "min_keep": 0.1, "max_keep": 0.5, "score": "text"},
         "layers": [{"layer": 0, "threshold": 0.01}, {"layer": 1, "threshold": 0.02}]}
+TOKENS = {"version": 1, "method": "fastv", "keep": 0.5, "params": {"k": 1, "rows": "all"},
+          "schedule": [{"layer": 0, "keep": 0.5}], "guard": {"auto": False, "candidates": []}}
 
 
 @dataclass
@@ -73,7 +75,7 @@ def random_mask(rng: random.Random):
 
 
 def base_profile(fingerprint, seed: int = 0) -> Profile:
-    """A valid profile for a model with this fingerprint: every pattern, a static mask, core and pruning."""
+    """A valid profile for a model with this fingerprint: every pattern, a static mask, core, tokens and pruning."""
     rng = random.Random(seed)
     layers = [[random_head(rng, f"static.l{li}.h{hi}") for hi in range(fingerprint.num_heads)]
               for li in range(fingerprint.num_layers)]
@@ -85,6 +87,7 @@ def base_profile(fingerprint, seed: int = 0) -> Profile:
     core["layers"] = core["layers"][: fingerprint.num_layers]
     return Profile(model=fingerprint, calibration=Calibration("fuzz", 2, 256, 0),
                    attention=AttentionProfile(layers=layers, tail_recall_target=0.9), core=core,
+                   tokens=copy.deepcopy(TOKENS),
                    pruning={"method": "wanda", "ratio": 0.5, "groups": [{"group": "lm.0", "sparsity": 0.5}]},
                    tensors=tensors)
 
@@ -289,20 +292,24 @@ def make_case(rng: random.Random, data: dict, tensors: dict) -> FuzzCase:
 
 
 def _run_prefill(loaded, profile, inputs) -> None:
-    """Attach the sparse runtime (sparse in every layer) and the core runtime, run a prefill and a decode
-    step, detach."""
+    """Attach the sparse runtime (sparse in every layer), the core runtime and the token runtime (which
+    replaces core tokens, as in ``vlsparse run``), run a prefill and a decode step, detach."""
     import torch
 
     from vlsparse.kernels.core_runtime import attach_profile_core, detach_core
     from vlsparse.kernels.runtime import attach, detach
+    from vlsparse.kernels.token_runtime import attach_profile_tokens, detach_tokens
 
-    runtime = core = None
+    runtime = core = tokens = None
     try:
         runtime = attach(loaded, profile, min_len=0, dense_above=1.0)
-        core = attach_profile_core(loaded, profile, sparse_runtime=runtime)
+        core = attach_profile_core(loaded, profile, tokens=profile.tokens is None, sparse_runtime=runtime)
+        tokens = attach_profile_tokens(loaded, profile, sparse_runtime=runtime)
         with torch.inference_mode():  # the prefill, then one decode step (where core neurons apply)
             loaded.model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     finally:
+        if tokens is not None:
+            detach_tokens(loaded, tokens)
         if core is not None:
             detach_core(loaded, core)
         if runtime is not None:

@@ -92,10 +92,10 @@ def pruning_section(*, method: str, allocation: str, structure: str, scope: str,
 def pruned_profile(model: ModelFingerprint, section: dict[str, Any], carried: Profile | None = None) -> Profile:
     """The pruned checkpoint's profile: ``section`` as its ``pruning``, the pruning calibration as its
     ``calibration``; with ``carried`` (the model's attention profile), that profile's calibration,
-    attention, core and tensors instead."""
+    attention, core, tokens and tensors instead."""
     c = section["calibration"]
     calibration = Calibration(source=c["source"], samples=c["samples"], seq_len=c["seq_len"], seed=c["seed"])
     if carried is None:
         return Profile(model=model, calibration=calibration, pruning=section)
     return Profile(model=model, calibration=carried.calibration or calibration, attention=carried.attention,
-                   pruning=section, core=carried.core, tensors=dict(carried.tensors))
+                   pruning=section, core=carried.core, tokens=carried.tokens, tensors=dict(carried.tensors))

@@ -117,8 +117,9 @@ class AttentionProfile:
 class Profile:
     """A model's sparsity profile (attention patterns, pruning record, core calibration).
 
-    ``pruning`` and ``core`` are plain mappings whose schemas are ``vlsparse.profile.pruning``
-    and ``vlsparse.profile.core``; ``tensors`` are the sidecar arrays (not in the YAML).
+    ``pruning``, ``core`` and ``tokens`` are plain mappings whose schemas are ``vlsparse.profile.pruning``,
+    ``vlsparse.profile.core`` and ``vlsparse.profile.tokens``; ``tensors`` are the sidecar arrays (not in
+    the YAML).
     """
 
     model: ModelFingerprint
@@ -126,6 +127,7 @@ class Profile:
     attention: AttentionProfile | None = None
     pruning: dict[str, Any] | None = None
     core: dict[str, Any] | None = None
+    tokens: dict[str, Any] | None = None
     tensors: dict[str, Any] = field(default_factory=dict, repr=False)
     version: int = PROFILE_VERSION
 
@@ -172,6 +174,8 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         out["pruning"] = profile.pruning
     if profile.core is not None:
         out["core"] = profile.core
+    if profile.tokens is not None:
+        out["tokens"] = profile.tokens
     return out
 
 
@@ -281,7 +285,8 @@ def profile_from_dict(data: Any) -> Profile:
         attention = _attention_from_dict(checks.sub_mapping(data, "attention", "the profile"), model)
     pruning = checks.sub_mapping(data, "pruning", "the profile", default=None)
     core = checks.sub_mapping(data, "core", "the profile", default=None)
-    for name, section in (("pruning", pruning), ("core", core)):
+    tokens = checks.sub_mapping(data, "tokens", "the profile", default=None)
+    for name, section in (("pruning", pruning), ("core", core), ("tokens", tokens)):
         if section is not None:
             checks.plain_data(section, name)
     if core is not None:
@@ -291,8 +296,12 @@ def profile_from_dict(data: Any) -> Profile:
             core_settings(core, model.num_layers)
         except ProfileError as exc:
             raise ProfileError(exc.message, exc.hint or "recalibrate with `vlsparse calibrate`") from exc
+    if tokens is not None:
+        from vlsparse.profile.tokens import token_settings
+
+        token_settings(tokens, model.num_layers)  # what the token runtime will read, refused now
     return Profile(model=model, calibration=calibration, attention=attention, pruning=pruning, core=core,
-                   version=version)
+                   tokens=tokens, version=version)
 
 
 def _attention_from_dict(a: dict, model: ModelFingerprint) -> AttentionProfile:
@@ -376,3 +385,15 @@ def check_profile_matches(profile: Profile, fingerprint: ModelFingerprint, profi
             f"{profile_name} was made for {have.name}, whose config differs from this model's ({want.name})",
             "run `vlsparse profile` on this model",
         )
+
+
+def with_section(fingerprint: ModelFingerprint, name: str, section: dict, base: Profile | None = None) -> Profile:
+    """``base`` with its section ``name`` (``core``, ``tokens``) replaced by ``section``, or a new profile
+    holding only that section, its calibration taken from the section's own ``calibration`` entry."""
+    if base is None:
+        c = section["calibration"]
+        return Profile(model=fingerprint, calibration=Calibration(c["source"], c["samples"], c["seq_len"], c["seed"]),
+                       **{name: section})
+    check_profile_matches(base, fingerprint)
+    setattr(base, name, section)
+    return base

@@ -3,7 +3,8 @@
 Every method module (``fastv``, ``pyramiddrop``, ``feather``, ``zipvl``, ``visionzip``,
 ``divprune``, ``todre``) is a pure rule: it never touches a model. The runtime runs the
 model, builds a ``TokenContext`` at each drop point, calls ``select`` and gathers the
-survivors (hidden states, rotary positions, masks, KV cache). CoreMatching lives in
+survivors (hidden states, rotary positions, masks, KV cache): ``vlsparse.kernels.token_runtime``
+(a profile's ``tokens`` section, ``vlsparse.profile.tokens``). CoreMatching lives in
 ``vlsparse.kernels.core_select``, not here.
 
 Module interface

@@ -41,11 +41,24 @@ class LlavaAdapter(VisionLanguageAdapter):
         return self.model.model.multi_modal_projector
 
     def image_grids(self, inputs) -> list[tuple[int, int, int, int]] | None:
-        """One square patch grid per image for plain LLaVA; None for the any-res types."""
+        """One square patch grid per image for plain LLaVA; None for the any-res types.
+
+        The image count is ``pixel_values``' batch; without it (``generate`` encodes the images
+        before the first forward and leaves them out) the image tokens over one image's count.
+        """
         config = self.model.config
-        if getattr(config, "model_type", "llava") != "llava" or "pixel_values" not in inputs:
+        if getattr(config, "model_type", "llava") != "llava":
             return None
         vision = config.vision_config
         side = int(vision.image_size) // int(vision.patch_size)
         extra = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
-        return [(extra, side, side, 1)] * int(inputs["pixel_values"].shape[0])
+        if "pixel_values" in inputs and inputs["pixel_values"] is not None:
+            count = int(inputs["pixel_values"].shape[0])
+        elif inputs.get("input_ids") is not None and self.image_token_id is not None:
+            tokens = int((inputs["input_ids"][0] == self.image_token_id).sum())
+            if not tokens or tokens % (extra + side * side):
+                return None
+            count = tokens // (extra + side * side)
+        else:
+            return None
+        return [(extra, side, side, 1)] * count
