@@ -142,9 +142,9 @@ def test_row_sets_decide_the_ranking_fastv_all_versus_pyramiddrop_last():
     pdrop, fastv = method_named("pyramiddrop"), method_named("fastv")
     ctx = TokenContext(image_mask=mask)
     ctx.received.update(received_for(pdrop.attention(), q, k, 1.0, mask))
-    ctx.received.update(received_for(fastv.attention(), q, k, 1.0, mask))
+    ctx.received.update(received_for(fastv.attention(rows="all"), q, k, 1.0, mask))
     assert pdrop.select(ctx, 2).kept.tolist() == [0, 2]
-    assert fastv.select(ctx, 2).kept.tolist() == [5, 7]
+    assert fastv.select(ctx, 2, rows="all").kept.tolist() == [5, 7]
 
 
 def test_pyramiddrop_schedule_gives_the_staged_counts():
@@ -232,7 +232,7 @@ def test_zipvl_count_is_the_smallest_prefix_holding_tau_of_the_mass():
         ctx = TokenContext(image_mask=mask, received={"all": received})
         for tau in (0.5, 0.9, 0.975):
             want = zipvl_reference_count(scores.tolist(), tau)
-            sel = zipvl.select(ctx, keep_count=1, tau=tau)  # keep_count is ignored: the count is adaptive
+            sel = zipvl.select(ctx, keep_count=1, tau=tau, rows="all")  # keep_count is ignored: the count is adaptive
             assert sel.kept.numel() == want
             assert set(sel.kept.tolist()) == set(torch.topk(scores, want).indices.tolist())
             assert float(scores[sel.kept].sum()) >= tau * float(scores.sum()) - 1e-6
@@ -241,7 +241,7 @@ def test_zipvl_count_is_the_smallest_prefix_holding_tau_of_the_mass():
     received = torch.zeros(mask.numel())
     received[mask] = 0.001
     received[mask.nonzero().flatten()[[3, 17]]] = 1.0
-    sel = zipvl.select(TokenContext(image_mask=mask, received={"all": received}), keep_count=n)
+    sel = zipvl.select(TokenContext(image_mask=mask, received={"all": received}), keep_count=n, rows="all")
     assert sel.kept.tolist() == [3, 17]  # concentrated attention: few tokens, whatever keep_count says
     assert zipvl.attention().reduce == "visible"
 

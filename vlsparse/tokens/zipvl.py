@@ -15,8 +15,10 @@ layer; this package drops tokens for real once):
 - only the image tokens compete: p is the smallest count whose top normalised scores
   hold ``tau`` of the image tokens' total normalised score, and those p are kept;
 - one drop after layer ``k - 1`` (default k = 2, FastV's position; our choice);
-- the scoring rows default to every prompt row (``rows="all"``; the paper samples
-  probe queries from them to save time), normalised with ``reduce="visible"``.
+- the scoring rows default to the instruction after the images (``rows="text"``): the
+  paper samples probe queries (recent and random rows) to save a full attention pass; the
+  recent rows are the instruction. ``rows="all"`` scores every row, at the price of a
+  second full attention pass at that layer. Scores are normalised with ``reduce="visible"``.
 
 ADAPTIVE: ``select`` ignores ``keep_count`` (only ``min_keep`` bounds it below); the
 schedule's keep fraction (1.0) is nominal.
@@ -34,7 +36,7 @@ WHERE = "in_lm"
 NEEDS = ("received",)
 OPTIONAL: tuple[str, ...] = ()
 PAPER = "ZipVL: Efficient LVLMs with Dynamic Token Sparsification (He et al., 2024)"
-DEFAULTS = {"keep": 1.0, "tau": 0.975, "k": 2, "rows": "all", "min_keep": 1}
+DEFAULTS = {"keep": 1.0, "tau": 0.975, "k": 2, "rows": "text", "min_keep": 1}
 
 
 def schedule(num_layers: int, keep: float | None = None, **params) -> list[Stage]:
