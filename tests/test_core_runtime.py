@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from vlsparse.compat import cache_layer_keys, cache_length, cache_of_call, cache_of_output
 from vlsparse.kernels.core_runtime import CoreMLP, attach_core, detach_core
 from vlsparse.kernels.core_select import mlp_activations
 from vlsparse.models import load
 from vlsparse.profile.core import CoreSettings
+from prompts import generate_with_logits, textured_inputs
 
-COLOURS = ["red", "blue", "green", "white", "black", "yellow"]
 
 
 def _inputs(loaded, n_images=4):
-    images = [Image.new("RGB", (16, 16), COLOURS[i % len(COLOURS)]) for i in range(n_images)]
-    for i, image in enumerate(images):  # some texture, so image tokens differ within an image
-        image.putpixel((i, 3 * i % 16), (255, 0, 255))
-    return loaded.prepare(images, "what color is the circle ?")
+    return textured_inputs(loaded, n_images, second_pixel=False)
 
 
 def _generate(loaded, inputs, n=4):
-    with torch.inference_mode():
-        out = loaded.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                    return_dict_in_generate=True, output_logits=True)
-    return out.sequences, torch.stack(out.logits).float()
+    return generate_with_logits(loaded, inputs, n)
 
 
 @pytest.mark.parametrize("key", ["llava", "qwen2_vl"])

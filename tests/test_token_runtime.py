@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from vlsparse.compat import attn_implementation, cache_layer_keys, cache_length, cache_of_call, cache_of_output
 from vlsparse.errors import InputError
@@ -17,8 +16,8 @@ from vlsparse.kernels.token_runtime import attach_tokens, detach_tokens
 from vlsparse.models import load
 from vlsparse.profile.tokens import resolve_settings
 from vlsparse.tokens import METHOD_NAMES
+from prompts import generate_with_logits, textured_inputs
 
-COLOURS = ["red", "blue", "green", "white", "black", "yellow"]
 # parameters that fit a 4-layer LM (ToDRE's default relevance layer, 7L/8 = 3, is the last one)
 FIT = {"fastv": {"k": 1}, "zipvl": {"k": 1}, "todre": {"layers": [1]}}
 
@@ -29,18 +28,11 @@ def models(llava4_dir, qwen2_vl4_dir):
 
 
 def _inputs(loaded, n_images=4):
-    images = [Image.new("RGB", (16, 16), COLOURS[i % len(COLOURS)]) for i in range(n_images)]
-    for i, image in enumerate(images):  # some texture, so image tokens differ within an image
-        image.putpixel((i, 3 * i % 16), (255, 0, 255))
-        image.putpixel((15 - i, i), (0, 255, 255))
-    return loaded.prepare(images, "what color is the circle ?")
+    return textured_inputs(loaded, n_images, second_pixel=True)
 
 
 def _generate(loaded, inputs, n=4):
-    with torch.inference_mode():
-        out = loaded.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                    return_dict_in_generate=True, output_logits=True)
-    return out.sequences, torch.stack(out.logits).float()
+    return generate_with_logits(loaded, inputs, n)
 
 
 def _settings(loaded, method, keep=0.5, **params):

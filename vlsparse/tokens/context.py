@@ -178,3 +178,9 @@ def stage_before_lm(name: str, defaults: dict[str, Any], keep: float | None, par
 def no_attention(stage: int = 0, **params) -> None:
     """``attention`` of a method that reads no attention."""
     return None
+
+
+def rows_attention(name: str, defaults: dict[str, Any], params: dict[str, Any], reduce: str) -> AttentionSpec:
+    """The stage's own attention (RoPE, all keys), over the ``rows`` parameter's row set, reduced by ``reduce``."""
+    p = resolve(name, defaults, params)
+    return AttentionSpec(rows=(str(p["rows"]),), layer_offset=0, rope=True, keys="all", reduce=reduce)

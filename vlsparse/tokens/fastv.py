@@ -20,7 +20,7 @@ attention (RoPE applied, causal softmax over all keys), averaged over the chosen
 from __future__ import annotations
 
 from vlsparse.tokens._select import top_sorted
-from vlsparse.tokens.context import AttentionSpec, Selection, Stage, TokenContext, resolve, stage_after_k
+from vlsparse.tokens.context import AttentionSpec, Selection, Stage, TokenContext, resolve, rows_attention, stage_after_k
 
 NAME = "fastv"
 WHERE = "in_lm"
@@ -39,8 +39,7 @@ def needs(stage: int = 0, **params) -> tuple[str, ...]:
 
 
 def attention(stage: int = 0, **params) -> AttentionSpec:
-    p = resolve(NAME, DEFAULTS, params)
-    return AttentionSpec(rows=(str(p["rows"]),), layer_offset=0, rope=True, keys="all", reduce="mean")
+    return rows_attention(NAME, DEFAULTS, params, reduce="mean")
 
 
 def select(ctx: TokenContext, keep_count: int, *, stage: int = 0, **params) -> Selection:

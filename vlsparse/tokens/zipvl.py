@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from vlsparse.tokens._select import top_sorted
-from vlsparse.tokens.context import AttentionSpec, Selection, Stage, TokenContext, resolve, stage_after_k
+from vlsparse.tokens.context import AttentionSpec, Selection, Stage, TokenContext, resolve, rows_attention, stage_after_k
 
 NAME = "zipvl"
 WHERE = "in_lm"
@@ -48,8 +48,7 @@ def needs(stage: int = 0, **params) -> tuple[str, ...]:
 
 
 def attention(stage: int = 0, **params) -> AttentionSpec:
-    p = resolve(NAME, DEFAULTS, params)
-    return AttentionSpec(rows=(str(p["rows"]),), layer_offset=0, rope=True, keys="all", reduce="visible")
+    return rows_attention(NAME, DEFAULTS, params, reduce="visible")
 
 
 def adaptive_count(scores: torch.Tensor, tau: float) -> int:
