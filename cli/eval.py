@@ -166,7 +166,7 @@ def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backen
     with both, ``combined``. The top level of the result is the profile as a whole (the
     last configuration) next to ``dense``; ``configs`` holds each one.
     """
-    from vlsparse.bench.timing import ForwardClock
+    from vlsparse.bench.timing import Turns
     from vlsparse.demo.evaluate import evaluate_paired
     from vlsparse.errors import InputError
     from vlsparse.kernels.runtime import attach, detach, set_enabled
@@ -182,46 +182,33 @@ def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backen
                                         ("tokens", profile_obj.tokens is not None)) if present]
     if len(names) == 2:
         names.append("combined")
-    clocks = {name: ForwardClock() for name in ("dense", *names)}
     runtime = attach(loaded, profile_obj, backend=backend) if profile_obj.attention is not None else None
     tokens = attach_profile_tokens(loaded, profile_obj, sparse_runtime=runtime)
-    handles: list = []  # the hooks of the clock of the current mode
     densities: list[float] = []
     kept: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
-    current: list[str] = []
 
-    def note() -> None:  # what the mode that just answered kept
-        if not current:
-            return
-        name = current[0]
+    def answered(name: str) -> None:  # what the mode that just answered kept
         if tokens is not None and name in ("tokens", "combined"):
             st = tokens.stats()
             kept[name].append((st["image_tokens_kept"], st["image_tokens_total"]))
         if runtime is not None and name in ("sparse", "combined") and runtime.mean_density() is not None:
             densities.append(runtime.mean_density())
-        current.clear()  # noted once
 
-    def mode(name: str):
-        def switch() -> None:
-            note()
-            current[:] = [name]
-            if runtime is not None:
-                set_enabled(loaded, runtime, name in ("sparse", "combined"))
-            if tokens is not None:
-                tokens.enabled = name in ("tokens", "combined")
-            for handle in handles:
-                handle.remove()
-            handles[:] = clocks[name].attach(loaded.model)
-        return switch
+    def enter(name: str) -> None:
+        if runtime is not None:
+            set_enabled(loaded, runtime, name in ("sparse", "combined"))
+        if tokens is not None:
+            tokens.enabled = name in ("tokens", "combined")
 
+    turns = Turns(loaded.model, ("dense", *names), enter, answered)
+    clocks = turns.clocks
     try:
         with err.status(f"answering {n} {task} questions, dense and {', '.join(names)} in turn"):
-            modes = {name: mode(name) for name in ("dense", *names)}
+            modes = {name: turns.switch(name) for name in ("dense", *names)}
             results = evaluate_paired(loaded.model, loaded.processor, modes, task=task, n=n, seed=seed,
-                                      progress=note)
+                                      progress=turns.note)
     finally:
-        for handle in handles:
-            handle.remove()
+        turns.close()
         if tokens is not None:
             detach_tokens(loaded, tokens)
         if runtime is not None:

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlsparse.compat import cache_length, cache_of_call
-from vlsparse.kernels.token_drop import Drop, TokenDrop, attach_drop, check_free, detach_drop, note_call
+from vlsparse.kernels.token_drop import (NOT_DROPPED, Drop, TokenDrop, attach_drop, check_free, detach_drop,
+                                         prompt_of_call, span_mask)
 from vlsparse.kernels.core_select import (core_match_scores, evenly_spaced, select_core_tokens, sentence_core,
                                           token_core_mask)
 from vlsparse.profile.core import SCORE_RULES, CoreSettings
@@ -250,23 +251,13 @@ def _prompt_hook(runtime: CoreRuntime, adapter):
         if cache_length(cache_of_call(kwargs)):
             runtime.prefill = False
             if runtime.drop is not None:
-                runtime.drop.decode_step()
-                note_call(runtime.drop, kwargs)
+                runtime.drop.decode_step(kwargs)
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        length = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else 0
-        image_mask, note, image_total = None, "", 0
+        length, spans = prompt_of_call(adapter, args, kwargs)
+        image_total = sum(span.length for span in spans or ())
         dropping = runtime.tokens and runtime.settings.token_layer is not None
-        if adapter.is_vlm and ids is not None and ids.shape[0] == 1:
-            spans = adapter.image_spans({**kwargs, "input_ids": ids})
-            image_total = sum(span.end - span.start for span in spans)
-            if dropping and image_total:
-                image_mask = torch.zeros(length, dtype=torch.bool)
-                for span in spans:
-                    image_mask[span.start:span.end] = True
-        elif dropping and adapter.is_vlm:
-            note = "tokens not dropped (batch of several prompts, or no input_ids)"
+        image_mask = span_mask(spans, length) if dropping and image_total else None
+        note = NOT_DROPPED if dropping and adapter.is_vlm and spans is None else ""
         runtime.start_prompt(length, image_mask, note, image_total=image_total)
         return None
 

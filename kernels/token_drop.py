@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 
 from vlsparse.compat import cache_length, cache_of_call
-
-BEFORE_LM = -1
+from vlsparse.models.families.base import true_runs
+from vlsparse.tokens.context import BEFORE_LM
 
 
 @dataclass
@@ -90,8 +90,11 @@ class TokenDrop:
         self.keep, self.base_keep, self.last_position = None, None, None
         self.layer_keep = {}
 
-    def decode_step(self) -> None:
+    def decode_step(self, kwargs: dict) -> None:
+        """A decode call of the model (its keyword arguments): no dropping, and note whether the
+        caller passed ``position_ids`` (see the module docstring on decode positions)."""
         self.prefill = False
+        self.caller_positions = kwargs.get("position_ids") is not None
 
     @property
     def base_len(self) -> int:
@@ -121,23 +124,12 @@ class TokenDrop:
         source = hidden if drop.hidden is None else drop.hidden
         self.keep = new_keep
         if self.sparse_runtime is not None:
-            self.sparse_runtime.spans = runs(self.image_mask.to(new_keep.device)[new_keep])
+            self.sparse_runtime.spans = true_runs(self.image_mask.to(new_keep.device)[new_keep])
         return gather(source, 1, rows)
 
 
 def gather(t: Tensor, dim: int, index: Tensor) -> Tensor:
     return t.index_select(dim, index.to(t.device))
-
-
-def runs(flags: Tensor) -> list[tuple[int, int]]:
-    """Maximal runs [start, end) of True in a 1-D boolean tensor."""
-    out: list[tuple[int, int]] = []
-    for pos in flags.nonzero().flatten().tolist():
-        if out and out[-1][1] == pos:
-            out[-1] = (out[-1][0], pos + 1)
-        else:
-            out.append((pos, pos + 1))
-    return out
 
 
 def key_columns(keep: Tensor, base_keep: Tensor | None, base_len: int, kv_len: int) -> Tensor:
@@ -232,9 +224,26 @@ def _stack_hook(drop: TokenDrop):
     return hook
 
 
-def note_call(drop: TokenDrop, kwargs: dict) -> None:
-    """From the model's forward pre-hook at a decode step: did the caller pass ``position_ids``?"""
-    drop.caller_positions = kwargs.get("position_ids") is not None
+def prompt_of_call(adapter, args: tuple, kwargs: dict):
+    """(length, image spans) of a prefill call of the model, from its forward pre-hook; spans are None
+    when image tokens cannot be dropped (a text-only model, a batch of several prompts, no ``input_ids``)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    length = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else 0
+    if not adapter.is_vlm or ids is None or ids.shape[0] != 1:
+        return length, None
+    return length, adapter.image_spans({**kwargs, "input_ids": ids})
+
+
+def span_mask(spans, length: int) -> Tensor:
+    """[length] bool: True on the image tokens of ``spans``."""
+    mask = torch.zeros(length, dtype=torch.bool)
+    for span in spans:
+        mask[span.start:span.end] = True
+    return mask
+
+
+NOT_DROPPED = "tokens not dropped (batch of several prompts, or no input_ids)"
 
 
 MODEL_ATTR = "vlsparse_token_drop"
@@ -253,7 +262,7 @@ def attach_drop(model, stack, layers: list, drop: TokenDrop) -> TokenDrop:
     """Register ``drop``'s hooks on the decoder ``layers`` (and the decoder ``stack`` holding them).
 
     The caller's forward pre-hook on ``model`` calls ``drop.start_prompt`` at each prefill and
-    ``drop.decode_step`` + ``note_call`` at each decode step. One dropper per model: a second
+    ``drop.decode_step(kwargs)`` at each decode step. One dropper per model: a second
     one (CoreMatching and a visual-token method together) is an ``InputError``.
     """
     if not drop.stages:
@@ -284,5 +293,5 @@ def detach_drop(model, drop: TokenDrop) -> None:
         delattr(model, MODEL_ATTR)
 
 
-__all__ = ["BEFORE_LM", "Drop", "TokenDrop", "attach_drop", "check_free", "detach_drop", "gather", "key_columns", "note_call",
-           "runs"]
+__all__ = ["BEFORE_LM", "NOT_DROPPED", "Drop", "TokenDrop", "attach_drop", "check_free", "detach_drop", "gather",
+           "key_columns", "prompt_of_call", "span_mask"]

@@ -55,7 +55,8 @@ from vlsparse import compat
 from vlsparse.compat import cache_length, cache_of_call
 from vlsparse.errors import InputError
 from vlsparse.kernels.runtime import ATTENTION_NAME, RUNTIME_ATTR, register_attention, set_observer
-from vlsparse.kernels.token_drop import BEFORE_LM, Drop, TokenDrop, attach_drop, detach_drop, note_call
+from vlsparse.kernels.token_drop import (BEFORE_LM, NOT_DROPPED, Drop, TokenDrop, attach_drop, detach_drop,
+                                         prompt_of_call, span_mask)
 from vlsparse.kernels.token_vision import VisionCapture, vision_observer, vision_source
 from vlsparse.profile.tokens import TokenSettings, schedule_text
 from vlsparse.tokens import TokenContext, count_for, method_named
@@ -222,25 +223,15 @@ def _prompt_hook(runtime: TokenRuntime, adapter):
     def hook(module, args, kwargs):
         drop = runtime.drop
         if cache_length(cache_of_call(kwargs)):
-            drop.decode_step()
-            note_call(drop, kwargs)
+            drop.decode_step(kwargs)
             if runtime.vision is not None:
                 runtime.vision.clear()
             return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        length = ids.shape[-1] if ids is not None else embeds.shape[1] if embeds is not None else 0
-        image_mask, spans, note, total = None, [], "", 0
-        if ids is not None and ids.shape[0] == 1:
-            spans = adapter.image_spans({**kwargs, "input_ids": ids})
-            total = sum(span.length for span in spans)
-            if total and runtime.enabled:
-                image_mask = torch.zeros(length, dtype=torch.bool)
-                for span in spans:
-                    image_mask[span.start:span.end] = True
-        elif runtime.enabled:
-            note = "tokens not dropped (batch of several prompts, or no input_ids)"
-        runtime.start_prompt(length, image_mask, spans, note, image_total=total)
+        length, spans = prompt_of_call(adapter, args, kwargs)
+        total = sum(span.length for span in spans or ())
+        image_mask = span_mask(spans, length) if total and runtime.enabled else None
+        note = NOT_DROPPED if spans is None and runtime.enabled else ""
+        runtime.start_prompt(length, image_mask, spans or [], note, image_total=total)
         return None
 
     return hook

@@ -1,4 +1,5 @@
-"""Timers shared by the benchmarks and ``vlsparse eval``: ``ForwardClock`` times a model's forwards.
+"""Timers shared by the benchmarks and ``vlsparse eval``: ``ForwardClock`` times a model's forwards,
+``Turns`` lets configurations answer in turn, each on its own clock.
 
 Resident memory has its own meter, ``vlsparse.rss``.
 """
@@ -6,6 +7,7 @@ Resident memory has its own meter, ``vlsparse.rss``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,3 +45,41 @@ class ForwardClock:
     def attach(self, model) -> list:
         return [model.register_forward_pre_hook(self.pre, with_kwargs=True),
                 model.register_forward_hook(self.post, with_kwargs=True)]
+
+
+class Turns:
+    """Configurations of one model answering in turn (dense, sparse, dense, sparse, ...), each timed by
+    its own ``ForwardClock``.
+
+    ``switch(name)`` gives the callable ``vlsparse.demo.evaluate.evaluate_paired`` runs before a
+    configuration answers: it reports the previous answer (``answered(name)``), switches the model
+    (``enter(name)``) and moves the clock hooks to ``name``'s clock. ``note()`` reports the last answer
+    (call it from the progress callback, so each answer is reported once); ``close()`` removes the hooks.
+    """
+
+    def __init__(self, model, names, enter: Callable[[str], None],
+                 answered: Callable[[str], None] = lambda name: None) -> None:
+        self.model, self.enter, self.answered = model, enter, answered
+        self.clocks = {name: ForwardClock() for name in names}
+        self.current: str | None = None
+        self.handles: list = []
+
+    def note(self) -> None:
+        if self.current is not None:
+            self.answered(self.current)
+            self.current = None
+
+    def switch(self, name: str) -> Callable[[], None]:
+        def go() -> None:
+            self.note()
+            self.current = name
+            self.enter(name)
+            self.close()
+            self.handles = self.clocks[name].attach(self.model)
+
+        return go
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []

@@ -42,17 +42,14 @@ POSITION = "position"
 
 def _summary(result: dict) -> dict[str, Any]:
     """Accuracy fields of an ``evaluate`` result, with position questions apart."""
-    from vlsparse.demo.evaluate import wilson_interval
-
     per = result["per_qtype"]
 
     def share(names) -> float | None:
         n = sum(per[q]["n"] for q in names)
         return round(sum(per[q]["accuracy"] * per[q]["n"] for q in names) / n, 4) if n else None
 
-    correct = round(result["accuracy"] * result["n"])
     return {"n": result["n"], "accuracy": round(result["accuracy"], 4),
-            "ci95": [round(x, 4) for x in wilson_interval(correct, result["n"])],
+            "ci95": [round(x, 4) for x in result["ci95"]],
             "per_qtype": {q: {"n": v["n"], "accuracy": round(v["accuracy"], 4)} for q, v in per.items()},
             "accuracy_position": share([q for q in per if q == POSITION]),
             "accuracy_other": share([q for q in per if q != POSITION])}
@@ -66,51 +63,26 @@ def _ratio(a, b) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-class _Turns:
-    """The mode switches of one method x keep: clocks and what each answer left behind."""
-
-    def __init__(self, loaded, runtime) -> None:
-        from vlsparse.bench.timing import ForwardClock
-
-        self.loaded, self.runtime = loaded, runtime
-        self.clocks = {"dense": ForwardClock(), "method": ForwardClock()}
-        self.kv: dict[str, list[int]] = {"dense": [], "method": []}
-        self.kept: list[tuple[int, int]] = []
-        self.current: str | None = None
-        self.handles: list = []
-
-    def note(self) -> None:
-        """After an answer: the KV cache it left, and (method turns) the image tokens it kept."""
-        if self.current is None:
-            return
-        self.kv[self.current].append(self.clocks[self.current].kv_bytes)
-        if self.current == "method":
-            st = self.runtime.stats()
-            self.kept.append((st["image_tokens_kept"], st["image_tokens_total"]))
-        self.current = None
-
-    def switch(self, name: str) -> Callable[[], None]:
-        def go() -> None:
-            self.note()
-            self.current = name
-            self.runtime.enabled = name == "method"
-            self.close()
-            self.handles = self.clocks[name].attach(self.loaded.model)
-        return go
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-
 def _one(loaded, settings, task: str, n: int, seed: int, tick: Callable[[], None]) -> tuple[dict, dict]:
     """(dense row fields, method row fields) of one method x keep on one task."""
+    from vlsparse.bench.timing import Turns
     from vlsparse.demo.evaluate import evaluate_paired
     from vlsparse.kernels.token_runtime import attach_tokens, detach_tokens
 
     runtime = attach_tokens(loaded, settings)
-    turns = _Turns(loaded, runtime)
+    kv: dict[str, list[int]] = {"dense": [], "method": []}
+    kept: list[tuple[int, int]] = []
+
+    def enter(name: str) -> None:
+        runtime.enabled = name == "method"
+
+    def answered(name: str) -> None:  # the KV cache the answer left, and the image tokens it kept
+        kv[name].append(turns.clocks[name].kv_bytes)
+        if name == "method":
+            st = runtime.stats()
+            kept.append((st["image_tokens_kept"], st["image_tokens_total"]))
+
+    turns = Turns(loaded.model, ("dense", "method"), enter, answered)
 
     def progress() -> None:
         turns.note()
@@ -127,12 +99,10 @@ def _one(loaded, settings, task: str, n: int, seed: int, tick: Callable[[], None
     clocks = turns.clocks
     fields = {}
     for name in ("dense", "method"):
-        kv = turns.kv[name]
         fields[name] = {**_summary(results[name]), "prefill_ms": _median_ms(clocks[name].prefill_s),
                         "decode_ms": _median_ms(clocks[name].decode_s),
-                        "kv_cache_mib": round(sum(kv) / len(kv) / 2**20, 4) if kv else None}
+                        "kv_cache_mib": round(sum(kv[name]) / len(kv[name]) / 2**20, 4) if kv[name] else None}
     row = fields["method"]
-    kept = turns.kept
     row["agreement"] = round(sum(a == b for a, b in zip(dense["answers"], method["answers"])) / n, 4)
     row["image_tokens_kept"] = round(sum(k for k, _ in kept) / len(kept), 2) if kept else None
     row["image_tokens_total"] = round(sum(t for _, t in kept) / len(kept), 2) if kept else None

@@ -48,16 +48,20 @@ class ImageSpan:
         return self.end - self.start
 
 
-def _token_runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
-    """Maximal runs [start, end) of ``token_id`` in a 1-D id tensor."""
-    hits = (ids == token_id).nonzero().flatten().tolist()
+def true_runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of True in a 1-D boolean tensor."""
     runs: list[tuple[int, int]] = []
-    for pos in hits:
+    for pos in flags.nonzero().flatten().tolist():
         if runs and runs[-1][1] == pos:
             runs[-1] = (runs[-1][0], pos + 1)
         else:
             runs.append((pos, pos + 1))
     return runs
+
+
+def _token_runs(ids: torch.Tensor, token_id: int) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of ``token_id`` in a 1-D id tensor."""
+    return true_runs(ids == token_id)
 
 
 def tokenizer_of(processor):
