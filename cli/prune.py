@@ -20,8 +20,9 @@ HELP = """Prune the Linear weights of both towers and the projector, and write a
 
 Each block (vision layer, projector, LM layer) gets its own sparsity (ECoFLaP:
 zeroth-order scores and water-filling, within --max-deviation of --ratio; or
-OWL; or uniform), then Wanda zeroes weights per output row (or N:M) in one
-sequential calibration loop. Blocks are read from disk one at a time, so the
+OWL; or uniform), then the method (--method wanda, or sparsegpt, which also
+corrects the kept weights to make up for the pruned ones) zeroes weights per
+output row (or N:M) in one sequential calibration loop. Blocks are read from disk one at a time, so the
 model need not fit in memory. The output is a plain Hugging Face folder
 (zeros in place; stock from_pretrained loads it) with vlsparse.yaml recording
 the allocation and achieved sparsity; a profile of the same model found in
@@ -37,6 +38,8 @@ Examples:
   vlsparse prune ./llava-1.5-7b-hf --allocation owl --out llava-owl
 
   vlsparse prune --model ./SmolLM2-135M-Instruct --ratio 0.5 --structure 2:4
+
+  vlsparse prune --method sparsegpt --structure 2:4 --allocation uniform
 
   vlsparse prune --calib mydata.jsonl --samples 64 --pack --force
 """
@@ -73,7 +76,8 @@ def prune(
     model_arg: ModelArg = None,
     model: ModelOpt = None,
     ratio: Annotated[float, typer.Option("--ratio", help="Share of the pruned matrices' weights to zero.")] = 0.5,
-    method: Annotated[str, typer.Option("--method", help="Pruning method for each layer (registered: wanda).")
+    method: Annotated[str, typer.Option("--method", help="Pruning method for each layer: wanda, or sparsegpt "
+                                                     "(OBS weight updates; slower, stronger at N:M).")
                       ] = "wanda",
     allocation: Annotated[Optional[str], typer.Option(
         "--allocation", help=f"{', '.join(ALLOCATIONS[:-1])} or {ALLOCATIONS[-1]} [default: {DEFAULT_ALLOCATION}; "

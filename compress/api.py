@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,56 +265,72 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     blocks = find_blocks(skeleton, adapter)
     _check_nm(blocks, nm)
     reader = CheckpointReader(folder)
-    streamed = StreamedModel(skeleton, reader, blocks)
-    streamed.load_stem()
-    fingerprint = adapter.fingerprint()
-    source_profile, source_profile_path = _find_source_profile(config, fingerprint, cwd)
+    streamed = StreamedModel(skeleton, reader, blocks, spill_parent=_existing_parent(out))
+    try:
+        streamed.load_stem()
+        fingerprint = adapter.fingerprint()
+        source_profile, source_profile_path = _find_source_profile(config, fingerprint, cwd)
 
-    progress("Preparing calibration data")
-    calib = build_calibration(adapter, processor, config.calib, config.samples, config.seq_len, config.seed)
-    keeps, scores, policy_record = allocate(streamed, calib.batches, config, progress)
-    counts = _prune_counts(blocks, keeps)
+        progress("Preparing calibration data")
+        calib = build_calibration(adapter, processor, config.calib, config.samples, config.seq_len, config.seed)
+        keeps, scores, policy_record = allocate(streamed, calib.batches, config, progress)
+        counts = _prune_counts(blocks, keeps)
 
-    method = method_named(config.method)
+        method = method_named(config.method)
 
-    def prune_block(block: Block, stats: dict) -> dict:
-        return {n: method.prune_layer(skeleton.get_parameter(n), stats[n], counts[n], nm) for n in block.weight_names()}
+        def prune_block(block: Block, stats: dict) -> dict:
+            return {n: method.prune_layer(skeleton.get_parameter(n), stats[n], counts[n], nm)
+                    for n in block.weight_names()}
 
-    sequential_prune(streamed, calib.batches, prune_block, new_stats=method.new_stats, progress=progress)
+        sequential_prune(streamed, calib.batches, prune_block, new_stats=method.new_stats, progress=progress)
 
-    ckpt_masks = {streamed.key_of[n]: bits for n, bits in streamed.masks.items()}
-    matrices, groups = [], []
-    for i, block in enumerate(blocks):
-        group_zeros = 0
-        for n in block.weight_names():
-            shape = tuple(skeleton.get_parameter(n).shape)
-            zeros = int((~unpack_mask(streamed.masks[n], shape)).sum())
-            group_zeros += zeros
-            matrices.append(matrix_row(streamed.key_of[n], block.name, shape, zeros))
-        groups.append(group_row(block.name, block.tower, block.size(), group_zeros,
-                                None if scores is None else scores[i]))
-    achieved = achieved_sparsity(groups)
+        ckpt_masks = {streamed.key_of[n]: bits for n, bits in streamed.masks.items()}
+        matrices, groups = [], []
+        for i, block in enumerate(blocks):
+            if not block.linears:  # nothing pruned here (Gemma 3's projector pools and multiplies, no Linear)
+                continue
+            group_zeros = 0
+            for n in block.weight_names():
+                shape = tuple(skeleton.get_parameter(n).shape)
+                zeros = int((~unpack_mask(streamed.masks[n], shape)).sum())
+                group_zeros += zeros
+                matrices.append(matrix_row(streamed.key_of[n], block.name, shape, zeros))
+            groups.append(group_row(block.name, block.tower, block.size(), group_zeros,
+                                    None if scores is None else scores[i]))
+        achieved = achieved_sparsity(groups)
 
-    seconds = time.perf_counter() - start
-    peak = peak_rss_mb()
-    section = pruning_section(
-        method=config.method, allocation=config.resolved_allocation(), structure=config.structure,
-        scope=config.scope, ratio=config.ratio, max_deviation=config.max_deviation, packed=config.pack,
-        calibration=calibration_entry(calib.source, calib.samples, calib.seq_len, calib.seed, calib.tokens),
-        policy=policy_record, model=name, path=str(folder.resolve()), seconds=seconds, peak_rss_mb=peak,
-        start_rss_mb=start_rss, model_mb=reader.nbytes() / 2**20, groups=groups, matrices=matrices,
-        attention_profile=source_profile_path)
+        seconds = time.perf_counter() - start
+        peak = peak_rss_mb()
+        section = pruning_section(
+            method=config.method, allocation=config.resolved_allocation(), structure=config.structure,
+            scope=config.scope, ratio=config.ratio, max_deviation=config.max_deviation, packed=config.pack,
+            calibration=calibration_entry(calib.source, calib.samples, calib.seq_len, calib.seed, calib.tokens),
+            policy=policy_record, model=name, path=str(folder.resolve()), seconds=seconds, peak_rss_mb=peak,
+            start_rss_mb=start_rss, model_mb=reader.nbytes() / 2**20, groups=groups, matrices=matrices,
+            attention_profile=source_profile_path)
 
-    progress(f"Writing {out}")
-    _write(out, config, reader, folder, ckpt_masks, pruned_profile(fingerprint, section, source_profile), progress)
-    return PruneResult(out=out, model_name=name, achieved=achieved, groups=groups, matrices=matrices,
-                       seconds=seconds, peak_rss_mb=peak, start_rss_mb=start_rss,
-                       model_mb=reader.nbytes() / 2**20, out_mb=dir_size(out) / 2**20,
-                       profile_source=source_profile_path)
+        progress(f"Writing {out}")
+        _write(out, config, reader, folder, ckpt_masks, pruned_profile(fingerprint, section, source_profile),
+               progress, source=streamed.checkpoint_tensor)
+        return PruneResult(out=out, model_name=name, achieved=achieved, groups=groups, matrices=matrices,
+                           seconds=seconds, peak_rss_mb=peak, start_rss_mb=start_rss,
+                           model_mb=reader.nbytes() / 2**20, out_mb=dir_size(out) / 2**20,
+                           profile_source=source_profile_path)
+    finally:
+        streamed.close()  # the updated weights (SparseGPT) are in the checkpoint now
+
+
+def _existing_parent(out: Path) -> Path | None:
+    """The nearest existing folder above ``out`` (where temporary files go), or None."""
+    for parent in out.absolute().parents:
+        if parent.is_dir():
+            return parent
+    return None
 
 
 def _write(out: Path, config: PruneConfig, reader: CheckpointReader, folder: Path, ckpt_masks: dict,
-           profile, progress: Progress) -> None:
+           profile, progress: Progress, source: Callable[[str], torch.Tensor]) -> None:
+    """Write the checkpoint: every tensor from ``source`` (the pruned model's values), masked."""
     from vlsparse.atomic import atomic_dir
     from vlsparse.profile import save_profile
 
@@ -321,7 +338,7 @@ def _write(out: Path, config: PruneConfig, reader: CheckpointReader, folder: Pat
         bits = ckpt_masks.get(key)
         if bits is None:
             return None
-        tensor = reader.tensor(key)
+        tensor = source(key)
         return tensor.masked_fill_(~unpack_mask(bits, tensor.shape), 0)
 
     def on_file(name: str) -> None:
@@ -330,7 +347,7 @@ def _write(out: Path, config: PruneConfig, reader: CheckpointReader, folder: Pat
     with atomic_dir(out, force=config.force) as tmp:
         copy_side_files(folder, tmp)
         if config.pack:
-            write_packed_checkpoint(reader, tmp, ckpt_masks, on_file)
+            write_packed_checkpoint(reader, tmp, ckpt_masks, on_file, source=source)
         else:
             write_pruned_checkpoint(reader, tmp, replacement, on_file)
         save_profile(profile, tmp / PROFILE_NAME)

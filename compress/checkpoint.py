@@ -98,6 +98,10 @@ class CheckpointReader:
             return torch.empty(info.shape, dtype=DTYPE_NAMES[info.dtype])
         return torch.frombuffer(buffer, dtype=DTYPE_NAMES[info.dtype]).reshape(info.shape)
 
+    def tensor_dtype(self, key: str) -> torch.dtype:
+        """The stored dtype of tensor ``key``."""
+        return DTYPE_NAMES[self.infos[key].dtype]
+
     def keys_of(self, file: str) -> list[str]:
         """Keys of one shard in data order."""
         return sorted((k for k, i in self.infos.items() if i.file == file), key=lambda k: self.infos[k].begin)

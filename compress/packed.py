@@ -68,8 +68,12 @@ def _write_safetensors(path: Path, entries: list[tuple[str, str, tuple[int, ...]
 
 
 def write_packed_checkpoint(reader, out_dir: Path, masks: dict[str, torch.Tensor],
-                            on_file: Callable[[str], None] | None = None) -> list[str]:
+                            on_file: Callable[[str], None] | None = None,
+                            source: Callable[[str], torch.Tensor] | None = None) -> list[str]:
     """Write the packed shards and ``packed_index.json``; ``masks`` maps checkpoint key -> packed bits.
+
+    Pruned tensors' values come from ``source(key)`` (default: the checkpoint's own; a method
+    that corrects the kept weights gives their new values).
 
     Memory: one tensor at a time (its kept values are gathered when written).
     """
@@ -78,12 +82,13 @@ def write_packed_checkpoint(reader, out_dir: Path, masks: dict[str, torch.Tensor
     index: dict[str, dict] = {}
     files = []
     n = len(reader.files)
-    for i, source in enumerate(reader.files):
+    tensor_of = source or reader.tensor
+    for i, shard in enumerate(reader.files):
         name = f"packed-{i + 1:05d}-of-{n:05d}.safetensors"
         if on_file is not None:
             on_file(name)
         entries = []
-        for key in reader.keys_of(source):
+        for key in reader.keys_of(shard):
             info = reader.infos[key]
             width = torch.empty((), dtype=DTYPE_NAMES[info.dtype]).element_size()
             if key in masks:
@@ -91,7 +96,7 @@ def write_packed_checkpoint(reader, out_dir: Path, masks: dict[str, torch.Tensor
                 kept = count_kept(bits)
 
                 def values(key=key, bits=bits, shape=info.shape) -> bytes:
-                    dense = reader.tensor(key)
+                    dense = tensor_of(key)
                     return bytes(tensor_bytes(dense.reshape(-1)[unpack_mask(bits, shape).reshape(-1)]))
 
                 entries.append((f"{key}::values", info.dtype, (kept,), kept * width, values))

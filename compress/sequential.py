@@ -24,8 +24,11 @@ The loop (one for both towers, llm-compressor style), per tower:
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -152,13 +155,17 @@ class StreamedModel:
     """A skeleton model whose blocks are read from disk only while they run."""
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, blocks: list[Block],
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, spill_parent: Path | None = None) -> None:
         self.model = model
         self.reader = reader
         self.blocks = blocks
         self.dtype = dtype
         self.key_of = model_key_map(model, reader.keys())
         self.masks: dict[str, torch.Tensor] = {}  # model weight name -> packed keep bits
+        self.spill_parent = spill_parent  # where the folder of updated weights goes (None: the system's temp)
+        self.spill: Path | None = None
+        self.updated: dict[str, Path] = {}  # model weight name -> safetensors file holding its new value
+        self.updated_names: dict[str, str] = {}  # checkpoint key -> model weight name, for the updated ones
         self.perturbation: Perturbation | None = None
         self._block_params = {f"{b.prefix}.{n}" for b in blocks for n, _ in b.module.named_parameters()}
         self._tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
@@ -167,8 +174,43 @@ class StreamedModel:
         key = self.key_of.get(name)
         if key is None:
             raise ModelLoadError(f"the checkpoint has no tensor for {name}", "the weights do not match config.json")
-        tensor = self.reader.tensor(key)
+        tensor = self.updated_tensor(name) if name in self.updated else self.reader.tensor(key)
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def set_weights(self, block: Block, weights: dict[str, torch.Tensor]) -> None:
+        """Keep new values of ``block``'s weights (methods that correct the kept weights) on disk,
+        in the checkpoint's dtype; later materialisations, and the written checkpoint, use them."""
+        from safetensors.torch import save_file
+
+        if not weights:
+            return
+        if self.spill is None:
+            self.spill = Path(tempfile.mkdtemp(prefix=".vlsparse-updated-", dir=self.spill_parent))
+        file = self.spill / f"{block.name}.safetensors"
+        dtypes = {name: self.reader.tensor_dtype(self.key_of[name]) for name in weights}
+        save_file({name: w.detach().to(dtypes[name]).contiguous() for name, w in weights.items()}, str(file))
+        for name in weights:
+            self.updated[name] = file
+            self.updated_names[self.key_of[name]] = name
+
+    def updated_tensor(self, name: str) -> torch.Tensor:
+        """The kept new value of weight ``name`` (checkpoint dtype)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.updated[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def checkpoint_tensor(self, key: str) -> torch.Tensor:
+        """Checkpoint tensor ``key`` as the pruned model has it: its new value if a method updated it."""
+        name = self.updated_names.get(key)
+        return self.updated_tensor(name) if name is not None else self.reader.tensor(key)
+
+    def close(self) -> None:
+        """Delete the folder of updated weights (once the checkpoint is written)."""
+        if self.spill is not None:
+            shutil.rmtree(self.spill, ignore_errors=True)
+            self.spill = None
+            self.updated, self.updated_names = {}, {}
 
     def load_stem(self) -> None:
         """Read every parameter outside the blocks (and tie shared weights)."""
@@ -268,6 +310,13 @@ class BlockCall:
     args: tuple
     kwargs: dict
     hidden_as_kwarg: bool = False
+    added: torch.Tensor | None = None  # what the model added to the hidden states since the previous block
+
+
+def with_added(hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    """A block's output as the next block receives it: plus what the model adds in between (Qwen3-VL adds
+    DeepStack features to the image tokens after its first language layers), if anything."""
+    return hidden if call.added is None else hidden + call.added
 
 
 @dataclass
@@ -284,9 +333,12 @@ def capture_tower(streamed: StreamedModel, tower: list[Block], inputs: dict) -> 
     Earlier towers run for real (streamed, pruned where already pruned); the
     stubs pass hidden states through unchanged, so recording every block's
     arguments costs nothing, and the forward stops after the tower's last block.
+    A block whose input is not what the previous stub returned gets the difference
+    (``BlockCall.added``): the model added it between the two blocks.
     """
     calls: list[BlockCall] = []
     first: list[torch.Tensor] = []
+    returned: list[torch.Tensor] = []
 
     def make_stub(block: Block):
         def stub(*args, **kwargs):
@@ -297,7 +349,9 @@ def capture_tower(streamed: StreamedModel, tower: list[Block], inputs: dict) -> 
                 hidden, rest, as_kw = kwargs.pop("hidden_states"), (), True
             if not calls:
                 first.append(hidden)
-            calls.append(BlockCall(rest, kwargs, as_kw))
+            added = hidden - returned[-1] if returned and hidden is not returned[-1] else None
+            calls.append(BlockCall(rest, kwargs, as_kw, added))
+            returned[:] = [hidden]
             return hidden
 
         return stub
@@ -348,10 +402,13 @@ def layer_stats(linears: dict[str, nn.Linear], new_stats: Callable[[nn.Linear], 
 
 
 def towers_of(blocks: list[Block]) -> list[list[Block]]:
-    """Blocks grouped into consecutive towers, in execution order."""
+    """Blocks grouped into consecutive towers, in execution order: runs of one tower's blocks that sit in
+    one module list, so that each block's output is the next one's input (Mllama's local and global
+    vision encoders, with a norm and embeddings in between, are two)."""
     towers: list[list[Block]] = []
     for block in blocks:
-        if towers and towers[-1][0].tower == block.tower:
+        same_list = towers and towers[-1][-1].prefix.rpartition(".")[0] == block.prefix.rpartition(".")[0]
+        if towers and towers[-1][0].tower == block.tower and same_list:
             towers[-1].append(block)
         else:
             towers.append([block])
@@ -387,13 +444,16 @@ def sequential_prune(streamed: StreamedModel, batches: list[dict],
                         raise ModelLoadError(f"{missing[0]} did not run during calibration",
                                              "this model's layout is not supported for pruning")
                     updates = prune_block(block, {f"{n}.weight": s for n, s in stats.items()})
-                    if any(u.weight is not None for u in updates.values()):  # SparseGPT-style: not wired yet
-                        raise NotImplementedError("weight updates are not yet carried into the streamed model")
                     masks = {name: u.mask for name, u in updates.items()}
+                    weights = {name: u.weight for name, u in updates.items() if u.weight is not None}
+                    streamed.set_weights(block, weights)  # SparseGPT: the corrected kept weights
                     for name, mask in masks.items():
+                        if name in weights:
+                            _set_tensor(streamed.model, name, streamed._load(name))
                         streamed.model.get_parameter(name).mul_(mask)
                     streamed.set_masks(masks)
                     if j + 1 < len(tower):
-                        hidden = [run_block(block, h, c.calls[j]) for h, c in zip(hidden, captured)]
+                        hidden = [with_added(run_block(block, h, c.calls[j]), c.calls[j + 1])
+                                  for h, c in zip(hidden, captured)]
                 finally:
                     streamed.release(block)

@@ -31,7 +31,7 @@ def test_registry_lists_wanda_first_and_every_method_has_the_interface():
     assert list(table)[0] == "wanda"
     for module in table.values():
         assert callable(module.new_stats) and callable(module.prune_layer)
-    with pytest.raises(InputError, match="use one of: wanda"):
+    with pytest.raises(InputError, match="use one of: wanda, sparsegpt"):
         method_named("bogus")
 
 
@@ -55,7 +55,7 @@ def test_unknown_method_is_one_line_exit_1(capsys):
     assert main(["prune", "--method", "bogus", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert [line for line in captured.err.splitlines() if line.strip()] == [
-        "Error: unknown --method 'bogus' — use one of: wanda"]
+        "Error: unknown --method 'bogus' — use one of: wanda, sparsegpt"]
 
 
 class CountStats:

@@ -33,9 +33,9 @@ class LayerUpdate:
 
 def methods() -> dict[str, ModuleType]:
     """The registered methods, default first (a fresh table: copy it freely to add one in a test)."""
-    from vlsparse.compress.methods import wanda
+    from vlsparse.compress.methods import sparsegpt, wanda
 
-    return {"wanda": wanda}
+    return {"wanda": wanda, "sparsegpt": sparsegpt}
 
 
 def method_named(name: str, table: dict[str, ModuleType] | None = None) -> ModuleType:
