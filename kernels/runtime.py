@@ -6,14 +6,18 @@ forward is copied: transformers hands the function post-RoPE queries and keys
 (multimodal RoPE included for Qwen2-VL), K/V not repeated for GQA, and the
 module (``module.layer_idx`` picks the profile's layer).
 
-Per call: a language-layer **prefill** (query length = key length, no
-padding mask, causal, at least ``min_len`` tokens) follows the profile unless its
+Per call: a language-layer **prefill** (query length = key length, at least
+``min_len`` tokens, no attention soft-capping) follows the profile unless its
 heads' recorded densities average above ``dense_above`` (then SDPA is faster: the
 CPU path reaches about half of the ideal 1/density speedup, so near-dense layers lose),
 building that layer's index lists from the input (``layer_index``) and
 running the sparse kernel of the chosen backend; everything else (decode
-steps, vision tower, short prompts, padded batches) runs dense SDPA. Image
-spans of the current prompt come from a forward pre-hook on the model.
+steps, vision tower, short prompts) runs dense SDPA. The kernels are causal, so
+query rows whose mask row is not the causal row (padding, a sliding window shorter
+than the prompt, Gemma 3's bidirectional image blocks, PaliGemma's bidirectional
+prefix) run dense under the model's own mask (the whole layer when they are over
+half the rows); sparse rows thus never reach a key the model masks. Image spans
+of the current prompt come from a forward pre-hook on the model.
 """
 
 from __future__ import annotations
@@ -83,22 +87,33 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
 
-def _is_sparse_prefill(runtime: SparseRuntime, module, query, key, attention_mask) -> bool:
+def _is_sparse_prefill(runtime: SparseRuntime, module, query, key, attention_mask, kwargs: dict) -> bool:
+    """A prefill the kernels may run: long enough, no soft-capping (the kernels do not cap) and, without a
+    mask, causal with no sliding window shorter than the prompt (rows of a mask are checked by ``off_causal_rows``)."""
     if not runtime.enabled or runtime.profile.attention is None:
         return False
     n = query.shape[2]
-    if n != key.shape[2] or n < max(runtime.min_len, 1) or not getattr(module, "is_causal", True):
+    if n != key.shape[2] or n < max(runtime.min_len, 1) or kwargs.get("softcap") is not None:
         return False
-    return attention_mask is None or _is_plain_causal(attention_mask, n)
+    if attention_mask is not None:
+        return True
+    window = kwargs.get("sliding_window")
+    return getattr(module, "is_causal", True) and (window is None or n <= window)
 
 
-def _is_plain_causal(mask: torch.Tensor, n: int) -> bool:
-    """True if a 4-D mask is exactly causal (no padding): then the kernels' causality is the same."""
+def off_causal_rows(mask: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Boolean [n]: query rows whose mask row is not the causal row in some batch entry or head.
+
+    Padding, a sliding window cutting the row, bidirectional image blocks (Gemma 3) or a
+    bidirectional prefix (PaliGemma) put a row here; the kernels' causality only holds on the others.
+    """
+    if mask is None:
+        return torch.zeros(n, dtype=torch.bool)
     if mask.dim() != 4 or mask.shape[-1] != n or mask.shape[-2] != n:
-        return False
+        return torch.ones(n, dtype=torch.bool)
     causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
     keep = mask if mask.dtype == torch.bool else mask == 0
-    return bool((keep == causal).all())
+    return (keep != causal).any(-1).flatten(0, -2).any(0).cpu()
 
 
 def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
@@ -112,7 +127,8 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
         observer(module, query, key, attention_mask, kwargs)
     runtime: SparseRuntime | None = getattr(module, RUNTIME_ATTR, None)
     layer = getattr(module, "layer_idx", None)
-    if runtime is None or layer is None or not _is_sparse_prefill(runtime, module, query, key, attention_mask):
+    if runtime is None or layer is None or not _is_sparse_prefill(runtime, module, query, key, attention_mask,
+                                                                  kwargs):
         return _dense(module, query, key, value, attention_mask, **kwargs)
     from vlsparse.kernels.dispatch import sparse_attention
     from vlsparse.patterns.layer import layer_index
@@ -120,15 +136,20 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
     heads = runtime.heads(layer)
     n = query.shape[2]
     scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-    if all(h.pattern == "dense" for h in heads) or sum(h.density for h in heads) / len(heads) > runtime.dense_above:
+    off_causal = off_causal_rows(attention_mask, n)
+    if (all(h.pattern == "dense" for h in heads) or sum(h.density for h in heads) / len(heads) > runtime.dense_above
+            or 2 * int(off_causal.sum()) > n):  # sparse rows the dense ones would overwrite: no gain
         runtime.calls.append(LayerCall(layer, n))
         return _dense(module, query, key, value, attention_mask, **kwargs)
     att = runtime.profile.attention
     index = layer_index(heads, query, key, scale=scale, spans=runtime.spans, masks=runtime.profile.tensors,
                         block_size=att.block_size, last_q=att.last_q, dense_tail=att.dense_tail)
     runtime.calls.append(LayerCall(layer, n, index))
-    out = sparse_attention(query, key, value, index, scale, backend=runtime.backend)
-    return out.transpose(1, 2).contiguous(), None
+    out = sparse_attention(query, key, value, index, scale, backend=runtime.backend).transpose(1, 2).contiguous()
+    if off_causal.any():  # those rows run as the model runs them: dense, under its own mask
+        rows = off_causal.nonzero().flatten().to(query.device)
+        out[:, rows] = _dense(module, query[:, :, rows], key, value, attention_mask[:, :, rows], **kwargs)[0]
+    return out, None
 
 
 def register_attention() -> None:
@@ -166,7 +187,9 @@ def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512,
     runtime = SparseRuntime(profile=profile, backend=backend, min_len=min_len, dense_above=dense_above)
     register_attention()
     for layer in loaded.adapter.lm_layers():
-        setattr(loaded.adapter.attention(layer), RUNTIME_ATTR, runtime)
+        module = loaded.adapter.self_attention(layer)  # None: a layer attending elsewhere (Mllama) stays dense
+        if module is not None:
+            setattr(module, RUNTIME_ATTR, runtime)
     loaded.model.set_attn_implementation(ATTENTION_NAME)
     runtime.handles.append(loaded.model.register_forward_pre_hook(_prefill_hook(runtime, loaded.adapter),
                                                                   with_kwargs=True))
@@ -205,10 +228,10 @@ def detach(loaded, runtime: SparseRuntime) -> None:
         handle.remove()
     runtime.handles.clear()
     for layer in loaded.adapter.lm_layers():
-        module = loaded.adapter.attention(layer)
-        if getattr(module, RUNTIME_ATTR, None) is runtime:
+        module = loaded.adapter.self_attention(layer)
+        if module is not None and getattr(module, RUNTIME_ATTR, None) is runtime:
             delattr(module, RUNTIME_ATTR)
 
 
 __all__: list[Any] = ["ATTENTION_NAME", "OBSERVER_ATTR", "SparseRuntime", "attach", "detach", "observed",
-                      "register_attention", "set_enabled", "set_observer", "vlsparse_attention"]
+                      "off_causal_rows", "register_attention", "set_enabled", "set_observer", "vlsparse_attention"]

@@ -167,19 +167,32 @@ def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpa
             f"use fewer --samples or a shorter --seq-len)")
     search = PatternSearch(candidates, adapter.num_layers, adapter.num_heads, last_q=LAST_Q, block=BLOCK,
                            max_elements=max_elements, dense_tail=dense_tail)
-    modules = [adapter.attention(layer) for layer in adapter.lm_layers()]
+    modules = [adapter.self_attention(layer) for layer in adapter.lm_layers()]  # None: no self-attention (dense)
+    off_causal: dict[int, tuple[int, int]] = {}  # layer -> the largest (rows off causal, n) seen
+
+    def on_mask(layer: int, rows: int, n: int) -> None:
+        seen_rows, seen_n = off_causal.get(layer, (0, 1))
+        if rows * seen_n > seen_rows * n:
+            off_causal[layer] = (rows, n)
+
     total = len(prepared)
     for index, (sample, inputs, spans, n) in enumerate(prepared, start=1):
         image_tokens = sum(s.length for s in spans)
-        say(f"({index}/{total}) {sample.name}: {n} tokens ({image_tokens} image tokens, {len(spans)} images)")
+        say(f"({index}/{total}) {sample.name}: {n} tokens ({image_tokens} image tokens, "
+            f"{len({s.image_index for s in spans})} images)")
 
         def on_layer(layer: int, query: torch.Tensor, key: torch.Tensor, scale: float,
                      spans=spans, index=index) -> None:
             search.add(layer, query[0].detach().float(), key[0].detach().float(), scale, spans)
             say(f"({index}/{total}) layer {layer + 1}/{adapter.num_layers} scored")
 
-        with torch.inference_mode(), capture_attention(loaded.model, modules, on_layer):
+        with torch.inference_mode(), capture_attention(loaded.model, modules, on_layer, on_mask=on_mask):
             _forward(loaded.model, inputs)
+    if off_causal:
+        layers = ", ".join(f"{layer + 1} ({rows}/{n} rows)" for layer, (rows, n) in sorted(off_causal.items()))
+        say(f"note: the model's mask is not causal on some rows of layers {layers} (a sliding window shorter "
+            f"than the sample, bidirectional image or prefix tokens, padding): patterns are scored as causal "
+            f"attention, and the runtime runs those rows dense under the model's mask")
     say(f"choosing among {len(candidates)} candidates per head")
     chosen, masks = search.choose(recall, n_cal, tie_density=tie_density, min_gain=min_gain, tail_target=tail_recall)
     return chosen, masks, n_cal, total

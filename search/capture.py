@@ -23,11 +23,16 @@ import torch
 from torch import nn
 
 from vlsparse.compat import register_attention, sdpa_attention
+from vlsparse.kernels.runtime import off_causal_rows
 
 CAPTURE_NAME = "vlsparse_capture"
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor, float], None]
 """``callback(layer, query [B, H, N, d], key [B, H_kv, N, d], scaling)``."""
+
+MaskCallback = Callable[[int, int, int], None]
+"""``on_mask(layer, rows, n)``: ``rows`` of the ``n`` query rows whose mask row is not the causal row
+(a sliding window shorter than the prompt, bidirectional image or prefix tokens, padding)."""
 
 
 def _implementations(config) -> str | dict:
@@ -50,19 +55,23 @@ def _scaling(module: nn.Module, query: torch.Tensor, kwargs: dict) -> float:
 
 @contextlib.contextmanager
 def capture_attention(model: nn.Module, modules: Sequence[nn.Module], callback: LayerCallback,
-                      name: str = CAPTURE_NAME) -> Iterator[None]:
+                      name: str = CAPTURE_NAME, on_mask: MaskCallback | None = None) -> Iterator[None]:
     """Within the block, every forward of ``model`` calls ``callback`` once per module in ``modules``.
 
-    ``modules`` are the language layers' attention modules in layer order; the
-    callback receives the position in that list as the layer index. The model's
-    previous attention implementation is restored on exit.
+    ``modules`` are the language layers' attention modules in layer order (None for a layer
+    whose attention is not captured); the callback receives the position in that list as the
+    layer index. ``on_mask``, if given, hears how many query rows the model's mask keeps off
+    causal in each such call.
+    The model's previous attention implementation is restored on exit.
     """
-    index = {id(m): i for i, m in enumerate(modules)}
+    index = {id(m): i for i, m in enumerate(modules) if m is not None}
 
     def attention(module, query, key, value, attention_mask, **kwargs):
         layer = index.get(id(module))
         if layer is not None and query.shape[-2] > 1:
             callback(layer, query, key, _scaling(module, query, kwargs))
+            if on_mask is not None:
+                on_mask(layer, int(off_causal_rows(attention_mask, query.shape[-2]).sum()), query.shape[-2])
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
     previous = _implementations(model.config)

@@ -61,7 +61,8 @@ class PatternSearch:
 
     @property
     def samples(self) -> int:
-        return min((len(r) for r in self.recall), default=0)
+        """Samples scored in every layer that was scored at all (layers never scored are recorded dense)."""
+        return min((len(r) for r in self.recall if r), default=0)
 
     def scored(self, layer: int, head: int, n_cal: int) -> tuple[list[Scored], dict[Candidate, torch.Tensor]]:
         """Every candidate's aggregate for one head, in catalogue order, and the static masks built.
@@ -99,10 +100,13 @@ class PatternSearch:
         """Per layer and head the chosen candidate, and the static masks of heads that chose ``static``."""
         if self.samples == 0:
             raise ValueError("no calibration sample was scored")
-        n_cal = n_cal or max(self.lengths[0])
+        n_cal = n_cal or max(next(lengths for lengths in self.lengths if lengths))
         chosen: list[list[Scored]] = []
         masks: dict[tuple[int, int], torch.Tensor] = {}
         for layer in range(self.num_layers):
+            if not self.recall[layer]:  # never scored (no self-attention: Mllama's cross-attention layers)
+                chosen.append([Scored(Candidate("dense"), 1.0, 1.0, 1.0) for _ in range(self.num_heads)])
+                continue
             row = []
             for head in range(self.num_heads):
                 scored, static_masks = self.scored(layer, head, n_cal)
