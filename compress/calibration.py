@@ -65,6 +65,9 @@ def _append_answer(inputs: dict, tokenizer, answer: str) -> dict:
             fill = extra if key == "input_ids" else torch.full_like(extra, 1 if key == "attention_mask" else 0,
                                                                      dtype=value.dtype)
             out[key] = torch.cat([value, fill.to(value.dtype)], dim=1)
+        elif isinstance(value, torch.Tensor) and value.dim() > 2 and value.shape[:2] == (1, length):
+            # per-token rows (Mllama's cross_attention_mask): the answer sees what the last prompt token sees
+            out[key] = torch.cat([value, value[:, -1:].expand(1, len(ids), *value.shape[2:])], dim=1)
     return out
 
 

@@ -268,7 +268,9 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
     # pass 3: core-token candidates
     tokens: dict[str, Any] = {"layer": None, "min_keep": min_keep, "max_keep": max_keep[-1], "score": scores[0],
                               "kl_budget": kl_budget, "min_top1": min_top1, "candidates": []}
-    if loaded.adapter.is_vlm:
+    if loaded.adapter.is_vlm and not loaded.adapter.image_tokens:
+        say("core tokens: not applicable (the images enter through cross-attention layers, not as prompt tokens)")
+    if loaded.adapter.image_tokens:
         candidates = token_layers if token_layers is not None else default_token_layers(n_layers)
         rows = _token_candidates(loaded, inputs, reference, candidates, scores, thresholds, alpha, beta,
                                  sample_tokens, min_keep, max_keep, next_token_kl, say)

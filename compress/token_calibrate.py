@@ -68,6 +68,10 @@ def calibrate_tokens(loaded, calibration, method: str, keep: float | str = "auto
     if not loaded.adapter.is_vlm:
         raise InputError(f"token reduction needs a vision-language model; {loaded.name} takes no images",
                          "calibrate core neurons instead (without tokens)")
+    if not loaded.adapter.image_tokens:
+        raise InputError(f"token reduction does not apply to {loaded.name}: its images enter through "
+                         "cross-attention layers, not as tokens of the prompt",
+                         "calibrate core neurons instead (without tokens)")
     if max_new_tokens < 1:
         raise InputError(f"{param('max_new_tokens')} must be at least 1", f"e.g. {param('max_new_tokens', 32)}")
     prepared = [prepare_sample(loaded, sample) for sample in calibration.samples]

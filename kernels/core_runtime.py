@@ -275,7 +275,7 @@ def attach_core(loaded, settings: CoreSettings, neurons: bool = True, tokens: bo
     adapter = loaded.adapter
     layers = adapter.lm_layers()
     runtime = CoreRuntime(settings=settings, neurons=neurons and bool(settings.neuron_layers),
-                          tokens=tokens and settings.token_layer is not None and adapter.is_vlm,
+                          tokens=tokens and settings.token_layer is not None and adapter.image_tokens,
                           sparse_runtime=sparse_runtime)
     wanted = set(settings.neuron_layers) if runtime.neurons else set()
     if runtime.tokens:
@@ -290,7 +290,8 @@ def attach_core(loaded, settings: CoreSettings, neurons: bool = True, tokens: bo
     runtime.handles.append(loaded.model.register_forward_pre_hook(_prompt_hook(runtime, adapter), with_kwargs=True))
     if runtime.tokens:
         runtime.drop = attach_drop(loaded.model, adapter.language_model(), layers,
-                                   TokenDrop(_decide(runtime), (settings.token_layer,), sparse_runtime=sparse_runtime))
+                                   TokenDrop(_decide(runtime), (settings.token_layer,), sparse_runtime=sparse_runtime),
+                                   adapter=adapter)
     return runtime
 
 

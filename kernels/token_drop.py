@@ -258,8 +258,10 @@ def check_free(model) -> None:
                          "a token-reduction method)", "detach it first: use one of the two")
 
 
-def attach_drop(model, stack, layers: list, drop: TokenDrop) -> TokenDrop:
-    """Register ``drop``'s hooks on the decoder ``layers`` (and the decoder ``stack`` holding them).
+def attach_drop(model, stack, layers: list, drop: TokenDrop, adapter=None) -> TokenDrop:
+    """Register ``drop``'s hooks on the decoder ``layers`` (and the decoder ``stack`` holding them),
+    and the hooks of ``adapter.follow_token_drop`` (the family's per-token additions, e.g. Qwen3-VL's
+    DeepStack features, follow the survivors).
 
     The caller's forward pre-hook on ``model`` calls ``drop.start_prompt`` at each prefill and
     ``drop.decode_step(kwargs)`` at each decode step. One dropper per model: a second
@@ -280,6 +282,8 @@ def attach_drop(model, stack, layers: list, drop: TokenDrop) -> TokenDrop:
             _survivor_hook(drop, index, before_lm and index == 0), with_kwargs=True))
     if before_lm:
         drop.handles.append(stack.register_forward_pre_hook(_stack_hook(drop), with_kwargs=True))
+    if adapter is not None:
+        drop.handles.extend(adapter.follow_token_drop(drop))
     return drop
 
 

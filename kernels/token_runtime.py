@@ -247,6 +247,10 @@ def attach_tokens(loaded, settings: TokenSettings, sparse_runtime=None) -> Token
     if not adapter.is_vlm:
         raise InputError(f"token reduction ({settings.method}) needs a vision-language model; "
                          f"{loaded.name} takes no images", "drop the tokens section, or use a VLM")
+    if not adapter.image_tokens:
+        raise InputError(f"token reduction ({settings.method}) does not apply to {loaded.name}: its images enter "
+                         "through cross-attention layers, not as tokens of the prompt",
+                         "drop the tokens section; use core neurons or a sparse-attention profile")
     method = method_named(settings.method)
     num_layers = adapter.num_layers
     stages = plan(settings, num_layers)
@@ -264,7 +268,7 @@ def attach_tokens(loaded, settings: TokenSettings, sparse_runtime=None) -> Token
                              f"skipped: it would cut after the last layer")
     drop = TokenDrop(runtime.decide, tuple(p.drop_after for p in stages if not p.skipped),
                      sparse_runtime=sparse_runtime)
-    attach_drop(loaded.model, adapter.language_model(), layers, drop)
+    attach_drop(loaded.model, adapter.language_model(), layers, drop, adapter=adapter)
     runtime.drop = drop
     runtime.original_attention = compat.attn_implementation(loaded.model)
     register_attention()

@@ -67,8 +67,79 @@ def llama_dir(tiny_dir):
 
 
 @pytest.fixture(scope="session")
-def vlm_dirs(llava_dir, llava_full_dir, qwen2_vl_dir, qwen2_5_vl_dir):
-    return {"llava": llava_dir, "llava-full": llava_full_dir, "qwen2_vl": qwen2_vl_dir, "qwen2_5_vl": qwen2_5_vl_dir}
+def gemma3_dir(tiny_dir):
+    """A tiny Gemma 3: sliding-window layer 0 (window 8), global layer 1, 4 tokens per image."""
+    from tiny_families_gemma import tiny_gemma3
+
+    return tiny_gemma3(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def paligemma_dir(tiny_dir):
+    """A tiny PaliGemma: 16 image tokens at the prompt start, a bidirectional prefix."""
+    from tiny_families_gemma import tiny_paligemma
+
+    return tiny_paligemma(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def idefics3_dir(tiny_dir):
+    from tiny_families_tiles import tiny_idefics3
+
+    return tiny_idefics3(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def smolvlm_dir(tiny_dir):
+    from tiny_families_tiles import tiny_smolvlm
+
+    return tiny_smolvlm(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def mllama_dir(tiny_dir):
+    from tiny_families_tiles import tiny_mllama
+
+    return tiny_mllama(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def llava_next_dir(tiny_dir):
+    from tiny_families_tiles import tiny_llava_next
+
+    return tiny_llava_next(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def llava_onevision_dir(tiny_dir):
+    from tiny_families_tiles import tiny_llava_onevision
+
+    return tiny_llava_onevision(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen3_vl_dir(tiny_dir):
+    """A tiny Qwen3-VL: 4 LM layers, DeepStack features into layers 0 and 1."""
+    from tiny_families_qwen3_internvl import tiny_qwen3_vl
+
+    return tiny_qwen3_vl(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def internvl_dir(tiny_dir):
+    """A tiny InternVL: 16 tokens per 32-pixel tile, up to 4 tiles plus a thumbnail per image."""
+    from tiny_families_qwen3_internvl import tiny_internvl
+
+    return tiny_internvl(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def vlm_dirs(llava_dir, llava_full_dir, qwen2_vl_dir, qwen2_5_vl_dir, idefics3_dir, smolvlm_dir, mllama_dir,
+             llava_next_dir, llava_onevision_dir, qwen3_vl_dir, internvl_dir, gemma3_dir, paligemma_dir):
+    return {"llava": llava_dir, "llava-full": llava_full_dir, "qwen2_vl": qwen2_vl_dir, "qwen2_5_vl": qwen2_5_vl_dir,
+            "idefics3": idefics3_dir, "smolvlm": smolvlm_dir, "mllama": mllama_dir, "llava_next": llava_next_dir,
+            "llava_onevision": llava_onevision_dir, "qwen3_vl": qwen3_vl_dir, "internvl": internvl_dir,
+            "gemma3": gemma3_dir, "paligemma": paligemma_dir}
 
 
 @pytest.fixture(scope="session")

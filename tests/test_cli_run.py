@@ -24,7 +24,8 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("key", ["llava", "llava-full", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("key", ["llava", "llava-full", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl", "gemma3",
+                                 "paligemma", "idefics3", "smolvlm", "mllama", "llava_next", "llava_onevision"])
 def test_run_answers_with_summary_for_each_vlm_family(vlm_dirs, image_file, key):
     result = invoke("run", "--model", vlm_dirs[key], "--max-new-tokens", 4, image_file, "what color is this ?")
     assert result.exit_code == 0, result.output

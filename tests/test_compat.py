@@ -134,6 +134,64 @@ def test_image_only_qwen2_vl_processor_expands_image_pads(qwen2_vl_dir):
     assert int((out["input_ids"] == pad).sum()) == 8
 
 
+def test_image_only_processors_expand_image_tokens_without_a_video_processor(qwen3_vl_dir, internvl_dir):
+    from transformers import AutoTokenizer
+
+    qwen3 = compat.image_only_processor_class("Qwen3VLProcessor")(
+        compat.pil_image_processor_class("Qwen2VL").from_pretrained(qwen3_vl_dir),
+        AutoTokenizer.from_pretrained(qwen3_vl_dir))
+    out = qwen3(text=["<|vision_start|><|image_pad|><|vision_end|> what ?"], images=[Image.new("RGB", (32, 16))],
+                return_tensors="pt")
+    assert int((out["input_ids"] == qwen3.image_token_id).sum()) == 8  # 4 x 8 patches merged 2 x 2
+    assert out["mm_token_type_ids"].sum() == 8  # what Qwen3-VL's multimodal RoPE reads
+    internvl = compat.image_only_processor_class("InternVLProcessor")(
+        compat.pil_image_processor_class("GotOcr2").from_pretrained(internvl_dir),
+        AutoTokenizer.from_pretrained(internvl_dir), image_seq_length=16)
+    out = internvl(text=["<IMG_CONTEXT> what ?"], images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    assert int((out["input_ids"] == internvl.image_token_id).sum()) == 16 and out["pixel_values"].shape[0] == 1
+
+
+def test_take_deepstack_takes_what_the_qwen3_vl_stack_would_add(qwen3_vl_dir):
+    from vlsparse.models import load
+
+    loaded = load(qwen3_vl_dir)
+    inputs = loaded.prepare([Image.new("RGB", (40, 24), "red")], "what color is this ?")
+    stack, layers = loaded.adapter.language_model(), loaded.adapter.lm_layers()
+    with torch.no_grad():
+        reference = loaded.model(**inputs).logits
+    taken = []
+
+    def take(module, args, kwargs):
+        taken.append(compat.take_deepstack(kwargs))
+        return args, kwargs
+
+    def add_back(index):
+        def hook(module, args, output):
+            if taken and taken[-1] is not None and index < len(taken[-1][1]):
+                mask, features = taken[-1]
+                output = output.clone()
+                output[mask] = output[mask] + features[index]
+                return output
+        return hook
+
+    handles = [stack.register_forward_pre_hook(take, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            without = loaded.model(**inputs).logits
+        handles += [layer.register_forward_hook(add_back(i)) for i, layer in enumerate(layers)]
+        with torch.no_grad():
+            added_back = loaded.model(**inputs).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    mask, features = taken[0]
+    assert mask.shape == inputs["input_ids"].shape and int(mask.sum()) == 15  # 3 x 5 merged tokens of 6 x 10
+    assert len(features) == 2 and features[0].shape == (15, 64)
+    assert not torch.allclose(without, reference, atol=1e-4)  # taken out: the stack really added nothing
+    assert torch.equal(added_back, reference)
+    assert compat.take_deepstack({"visual_pos_masks": None, "deepstack_visual_embeds": None}) is None
+
+
 def test_checkpoint_key_map_follows_llava_renaming():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -158,3 +216,17 @@ def test_transformers_logging_switches_verbosity_and_bars():
     assert hf_logging.get_verbosity() == logging.ERROR
     hf_logging.set_verbosity(before)
     assert isinstance(hf_logging.is_progress_bar_enabled(), bool)
+
+
+def test_image_only_smolvlm_processor_expands_images_without_torchvision_or_num2words(smolvlm_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smolvlm_dir)
+    images = compat.pil_image_processor_class("SmolVLM").from_pretrained(smolvlm_dir)
+    processor = compat.image_only_smolvlm_processor_class()(images, tokenizer, image_seq_len=4)
+    out = processor(text=["<image> what is this ?"], images=[Image.new("RGB", (40, 24))], return_tensors="pt")
+    ids = out["input_ids"][0]
+    # 2 x 2 tiles + the global image, 4 image tokens each, each after its own marker
+    assert int((ids == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 5 * 4
+    assert int((ids == tokenizer.convert_tokens_to_ids("<global-img>")).sum()) == 1
+    assert tuple(out["pixel_values"].shape[:2]) == (1, 5)

@@ -22,7 +22,7 @@ def _generate(loaded, inputs, n=4):
     return generate_with_logits(loaded, inputs, n)
 
 
-@pytest.mark.parametrize("key", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("key", ["llava", "qwen2_vl", "gemma3", "paligemma"])
 def test_core_neurons_with_beta_one_decode_exactly_like_dense(vlm_dirs, key):
     loaded = load(vlm_dirs[key])
     inputs = _inputs(loaded)
@@ -84,7 +84,7 @@ def _capture_positions(loaded, layer_index: int, store: list):
         lambda m, args, kwargs: store.append([t.clone() for t in kwargs["position_embeddings"]]), with_kwargs=True)
 
 
-@pytest.mark.parametrize("key", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("key", ["llava", "qwen2_vl", "qwen3_vl", "internvl", "idefics3", "llava_next"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_dropped_tokens_survivors_keep_positions_and_shapes(vlm_dirs, key, attn):
     loaded = load(vlm_dirs[key], attn_implementation=attn)

@@ -16,8 +16,17 @@ from vlsparse.models import Adapter, load
 from vlsparse.models.families import (CausalLMAdapter, family_for, family_named, registry, supported_text)
 from vlsparse.models.families.base import tokenizer_of
 
-CASES = {"llava": "llava_dir", "qwen2_vl": "qwen2_vl_dir", "qwen2_5_vl": "qwen2_5_vl_dir", "causal_lm": "llama_dir"}
+CASES = {"llava": "llava_dir", "qwen2_vl": "qwen2_vl_dir", "qwen2_5_vl": "qwen2_5_vl_dir", "causal_lm": "llama_dir",
+         "gemma3": "gemma3_dir", "paligemma": "paligemma_dir", "idefics3": "idefics3_dir", "mllama": "mllama_dir",
+         "qwen3_vl": "qwen3_vl_dir", "internvl": "internvl_dir"}
 """Family name -> fixture of a tiny random model of it (built with plain transformers, see tiny_models.py)."""
+
+MORE_CASES = {"llava_next": ("llava", "llava_next_dir"), "llava_onevision": ("llava", "llava_onevision_dir"),
+              "smolvlm": ("idefics3", "smolvlm_dir")}
+"""Further model types of a family: case -> (family, fixture of a tiny model of that type)."""
+
+TILED = {"idefics3", "smolvlm", "llava_next", "llava_onevision", "internvl"}
+"""Cases whose images take several spans each (tiles, base + any-res grid)."""
 
 INTERFACE = ("MODEL_TYPES", "SUPPORTED", "accepts", "auto_model_class", "required_sub_configs", "load_processor",
              "read_processor", "format_prompt", "chat_content", "plain_prompt", "prepare_inputs", "language_model",
@@ -37,9 +46,10 @@ def test_every_registered_family_has_a_case():
     assert {family.family for family in registry().values()} == set(CASES)
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
-def test_family_on_a_tiny_model(family, request):
-    loaded = load(request.getfixturevalue(CASES[family]))
+@pytest.mark.parametrize("case", sorted(CASES) + sorted(MORE_CASES))
+def test_family_on_a_tiny_model(case, request):
+    family, fixture = MORE_CASES.get(case, (case, CASES.get(case)))
+    loaded = load(request.getfixturevalue(fixture))
     adapter, model = loaded.adapter, loaded.model
     assert type(adapter) is family_named(family) and adapter.family == family
     assert type(Adapter(model, family)) is type(adapter) and type(Adapter(model)) is type(adapter)
@@ -48,9 +58,14 @@ def test_family_on_a_tiny_model(family, request):
     layers = adapter.lm_layers()
     assert len(layers) == adapter.num_layers == model.config.get_text_config().num_hidden_layers
     assert all(names[layer].startswith(names[adapter.language_model()] + ".layers.") for layer in layers)
+    crossing = set(adapter.cross_attention_layers()) if family == "mllama" else set()
+    assert len(crossing) == (2 if family == "mllama" else 0)
     for index, layer in enumerate(layers):
         attn = adapter.attention(layer)
-        assert names[attn] == names[layer] + ".self_attn"
+        if index in crossing:  # Mllama: attends to the image features, not to the prompt
+            assert names[attn] == names[layer] + ".cross_attn" and adapter.self_attention(layer) is None
+        else:
+            assert names[attn] == names[layer] + ".self_attn" and adapter.self_attention(layer) is attn
         assert attn.q_proj.out_features == adapter.num_heads * adapter.head_dim
         assert attn.k_proj.out_features == adapter.num_kv_heads * adapter.head_dim
         projections = [names[p] for p in adapter.mlp_projections(layer)]
@@ -67,10 +82,19 @@ def test_family_on_a_tiny_model(family, request):
     inputs = loaded.prepare([Image.new("RGB", (40, 24), "red"), Image.new("RGB", (24, 48), "blue")],
                             "what color is this ?")
     ids = inputs["input_ids"][0]
-    image_token = tokenizer_of(loaded.processor).convert_tokens_to_ids(loaded.processor.image_token)
+    tokenizer = tokenizer_of(loaded.processor)
+    # the token each image's features replace: the tokenizer's named image token where it has one (Gemma 3's
+    # processor.image_token is <start_of_image>, which it expands to <image_soft_token> x mm_tokens_per_image)
+    image_token = (getattr(tokenizer, "image_token_id", None)
+                   or tokenizer.convert_tokens_to_ids(loaded.processor.image_token))
     assert image_token == adapter.image_token_id
     spans = adapter.image_spans(inputs)
-    assert len(spans) == 2 and all(span.rows * span.cols > 0 for span in spans)
+    if not adapter.image_tokens:  # Mllama: one marker token per image, the features enter by cross-attention
+        assert family == "mllama" and spans == [] and int((ids == image_token).sum()) == 2
+        return
+    assert [s.image_index for s in spans] == sorted(s.image_index for s in spans)
+    assert {s.image_index for s in spans} == {0, 1} and all(span.rows * span.cols > 0 for span in spans)
+    assert len(spans) > 2 if case in TILED else len(spans) == 2
     covered = torch.zeros_like(ids, dtype=torch.bool)
     for span in spans:
         covered[span.start:span.end] = True
@@ -106,7 +130,8 @@ def test_unknown_model_types_and_heads_are_refused_with_the_supported_list():
     with pytest.raises(UnsupportedModelError, match="BertModel") as info:
         family_for({"model_type": "bert", "architectures": ["BertModel"]})
     assert info.value.hint == ("supported: LLaVA (llava, llava_next, llava_onevision), Qwen2-VL, Qwen2.5-VL, "
-                               "Llama-style *ForCausalLM")
+                               "Gemma 3, PaliGemma, Idefics3 / SmolVLM (idefics3, smolvlm), Mllama (Llama 3.2 Vision), "
+                               "Qwen3-VL, InternVL, Llama-style *ForCausalLM")
     with pytest.raises(UnsupportedModelError, match="LlamaModel"):
         family_for({"model_type": "llama", "architectures": ["LlamaModel"]})
 

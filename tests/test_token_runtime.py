@@ -1,4 +1,5 @@
-"""The token-reduction runtime (kernels/token_runtime.py, kernels/token_drop.py) on tiny 4-layer LLaVA and Qwen2-VL.
+"""The token-reduction runtime (kernels/token_runtime.py, kernels/token_drop.py) on tiny 4-layer LLaVA and Qwen2-VL
+(and Qwen3-VL, whose DeepStack features must follow the survivors).
 
 Survivors keep their rotary positions, multi-stage drops keep nested subsets, prefill and
 decoding equal a dense model whose layers cannot see the dropped tokens, every method
@@ -23,8 +24,8 @@ FIT = {"fastv": {"k": 1}, "zipvl": {"k": 1}, "todre": {"layers": [1]}}
 
 
 @pytest.fixture(scope="module")
-def models(llava4_dir, qwen2_vl4_dir):
-    return {"llava": load(llava4_dir), "qwen2_vl": load(qwen2_vl4_dir)}
+def models(llava4_dir, qwen2_vl4_dir, qwen3_vl_dir):
+    return {"llava": load(llava4_dir), "qwen2_vl": load(qwen2_vl4_dir), "qwen3_vl": load(qwen3_vl_dir)}
 
 
 def _inputs(loaded, n_images=4):
@@ -84,7 +85,9 @@ def _oracle_hooks(loaded, layer_keep: dict[int, torch.Tensor], prompt_len: int):
 
 
 CASES = [("fastv", "llava"), ("pyramiddrop", "llava"), ("divprune", "llava"), ("fastv", "qwen2_vl"),
-         ("pyramiddrop", "qwen2_vl"), ("divprune", "qwen2_vl")]
+         ("pyramiddrop", "qwen2_vl"), ("divprune", "qwen2_vl"), ("fastv", "qwen3_vl"), ("pyramiddrop", "qwen3_vl"),
+         ("divprune", "qwen3_vl")]
+"""Qwen3-VL: its DeepStack features (layers 0 and 1) must follow the survivors for the oracle to match."""
 
 
 @pytest.mark.parametrize("method,key", CASES)

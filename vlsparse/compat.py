@@ -18,7 +18,9 @@ What moved, and when (checked against the installed sources):
 - v5 image processors have a torchvision backend (``XxxImageProcessor``) and a
   PIL one (``XxxImageProcessorPil``); only the PIL one works without torchvision.
 - ``Qwen2VLProcessor.__init__`` insists on a video processor, which needs
-  torchvision.
+  torchvision (so do ``Qwen3VLProcessor`` and ``InternVLProcessor``).
+- Qwen3-VL's decoder stack takes its DeepStack features as the forward arguments
+  ``visual_pos_masks`` and ``deepstack_visual_embeds`` and adds them itself between layers.
 """
 
 from __future__ import annotations
@@ -129,6 +131,69 @@ def image_only_qwen2_vl_processor_class():
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     return ImageOnlyQwen2VLProcessor
+
+
+def image_only_processor_class(name: str):
+    """``transformers.<name>`` (``"Qwen3VLProcessor"``, ``"InternVLProcessor"``) without its video processor.
+
+    Those processors' ``__init__`` takes ``(image_processor, tokenizer, video_processor, ...)``
+    and sets its own token attributes; the subclass takes no ``video_processor`` (its
+    signature is what ``ProcessorMixin`` reads as the list of sub-processors) and passes None.
+    """
+    import transformers
+
+    parent = getattr(transformers, name)
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        parent.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return type(f"ImageOnly{name}", (parent,), {"__init__": __init__, "__doc__": f"{name} without videos."})
+
+
+def image_only_smolvlm_processor_class():
+    """A SmolVLM processor without the video processor (torchvision) and without ``num2words``
+    (which ``SmolVLMProcessor.__init__`` demands, for video prompts only).
+
+    Sets the token attributes ``SmolVLMProcessor`` would set itself (the tokenizer's, else the
+    released names) and ``image_seq_len``.
+    """
+    from transformers import SmolVLMProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    tokens = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+              "end_of_utterance_token": "<end_of_utterance>", "global_image_token": "<global-img>",
+              "video_token": "<video>"}
+
+    class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, image_seq_len: int = 169, chat_template=None,
+                     **kwargs):
+            for attr, default in tokens.items():
+                setattr(self, attr, getattr(tokenizer, attr, None) or default)
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.image_seq_len = image_seq_len
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    return ImageOnlySmolVLMProcessor
+
+
+# ----------------------------------------------------------------------------- DeepStack (Qwen3-VL)
+
+DEEPSTACK_ARGUMENTS = ("visual_pos_masks", "deepstack_visual_embeds")
+
+
+def take_deepstack(kwargs: dict):
+    """Take Qwen3-VL's DeepStack arguments out of a decoder-stack call (a forward pre-hook's ``kwargs``).
+
+    Returns ``(visual mask [B, N] bool, [one [n_visual, D] tensor per early layer])`` and leaves
+    None in their place, so the stack adds nothing and the caller adds feature ``j`` to the visual
+    positions after layer ``j`` itself; None (kwargs untouched) when the call carries none.
+    """
+    mask, features = (kwargs.get(name) for name in DEEPSTACK_ARGUMENTS)
+    if mask is None or not features:
+        return None
+    for name in DEEPSTACK_ARGUMENTS:
+        kwargs[name] = None
+    return mask, list(features)
 
 
 # ----------------------------------------------------------------------------- checkpoint keys

@@ -18,6 +18,8 @@ _SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
                 "head_dim", "vocab_size", "max_position_embeddings", "image_size", "patch_size", "num_channels",
                 "embed_dim", "depth", "num_heads", "spatial_merge_size", "temporal_patch_size", "in_chans",
                 "in_channels", "out_hidden_size", "window_size")
+_PAIR_FIELDS = ("image_size", "patch_size")
+"""Sizes a config may give as [height, width] (InternVL's vision tower)."""
 
 
 def demo_folder() -> Path:
@@ -103,6 +105,10 @@ def _kind(value) -> str:
         type(value), "a number")
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def check_config(config, config_file: Path) -> None:
     """A JSON object whose size fields are positive integers and whose sub-configs are objects.
 
@@ -131,9 +137,10 @@ def check_config(config, config_file: Path) -> None:
     for prefix, section in sections:
         for field in _SIZE_FIELDS:
             value = section.get(field)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ModelLoadError(f"{config_file}: {prefix}{field} should be a positive integer, got {value!r}",
-                                     hint)
+            pair = field in _PAIR_FIELDS and isinstance(value, list) and len(value) == 2
+            if value is not None and not all(_positive_int(v) for v in (value if pair else [value])):
+                what = "a [height, width] pair of positive integers" if pair else "a positive integer"
+                raise ModelLoadError(f"{config_file}: {prefix}{field} should be {what}, got {value!r}", hint)
     _check_sub_configs(config, config_file)
 
 

@@ -2,6 +2,12 @@
 
 - ``llava``: LLaVA 1.5 / NeXT / OneVision (``llava.LlavaAdapter``);
 - ``qwen2_vl``, ``qwen2_5_vl``: Qwen2-VL and Qwen2.5-VL (``qwen2_vl``);
+- ``gemma3``: Gemma 3 with images (``gemma3.Gemma3Adapter``);
+- ``paligemma``: PaliGemma (``paligemma.PaliGemmaAdapter``);
+- ``idefics3``: Idefics3 and SmolVLM, images split into tiles (``idefics3.Idefics3Adapter``);
+- ``mllama``: Llama 3.2 Vision, images through cross-attention layers (``mllama.MllamaAdapter``);
+- ``qwen3_vl``: Qwen3-VL, DeepStack features kept in step with dropped tokens (``qwen3_vl.Qwen3VLAdapter``);
+- ``internvl``: InternVL (transformers-native), pixel-shuffled image tiles (``internvl.InternVLAdapter``);
 - ``causal_lm``: Llama-style decoder-only LMs (``causal_lm.CausalLMAdapter``).
 
 Adding a family: a module with its ``Adapter`` subclass (see ``base``), its entry in
@@ -15,10 +21,18 @@ from collections.abc import Mapping
 from vlsparse.errors import UnsupportedModelError
 from vlsparse.models.families.base import Adapter, ImageSpan, VisionLanguageAdapter
 from vlsparse.models.families.causal_lm import CausalLMAdapter
+from vlsparse.models.families.gemma3 import Gemma3Adapter
+from vlsparse.models.families.idefics3 import Idefics3Adapter
+from vlsparse.models.families.internvl import InternVLAdapter
 from vlsparse.models.families.llava import LlavaAdapter
+from vlsparse.models.families.mllama import MllamaAdapter
+from vlsparse.models.families.paligemma import PaliGemmaAdapter
 from vlsparse.models.families.qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from vlsparse.models.families.qwen3_vl import Qwen3VLAdapter
 
-FAMILIES: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, CausalLMAdapter)
+FAMILIES: tuple[type[Adapter], ...] = (LlavaAdapter, Qwen2VLAdapter, Qwen25VLAdapter, Gemma3Adapter, PaliGemmaAdapter,
+                                       Idefics3Adapter, MllamaAdapter, Qwen3VLAdapter, InternVLAdapter,
+                                       CausalLMAdapter)
 """Every family, in the order error messages list them."""
 
 

@@ -33,7 +33,14 @@ class ImageSpan:
     ``start``/``end`` (exclusive) cover all of the image's tokens; the patch
     grid of ``rows`` x ``cols`` tokens (after any merge) starts at
     ``grid_start`` (a CLS token may precede it). ``rows``/``cols`` are 0 when
-    the layout is not a single grid (LLaVA-NeXT any-res tiles).
+    the layout is not a single grid.
+
+    ``part`` says which of the image's tokens the span holds when an image takes several
+    spans (tokens of other kinds between or a layout of several grids): ``"image"`` (all of
+    them), ``"tile"`` / ``"global"`` (one crop of a split image / the downscaled whole image
+    after its crops: Idefics3, SmolVLM, InternVL), ``"base"`` / ``"anyres"`` (LLaVA-NeXT/OneVision's base
+    image / its stitched any-res crops, each row ended by a newline token that ``cols`` counts).
+    Spans of one image share ``image_index``.
     """
 
     image_index: int
@@ -42,6 +49,7 @@ class ImageSpan:
     rows: int
     cols: int
     grid_start: int
+    part: str = "image"
 
     @property
     def length(self) -> int:
@@ -74,6 +82,31 @@ def chat_template(processor) -> str | None:
     return getattr(processor, "chat_template", None) or getattr(tokenizer_of(processor), "chat_template", None)
 
 
+def torchvision_available() -> bool:
+    """Whether torchvision is installed (video processors, and so some processors, need it)."""
+    from importlib.util import find_spec
+
+    return find_spec("torchvision") is not None
+
+
+def image_only_processor(folder: Path, processor: str, image_processor: str, trust_remote_code: bool, **settings):
+    """The ``processor`` class of transformers (e.g. ``"InternVLProcessor"``) built without its video
+    processor, from the tokenizer and the PIL ``image_processor`` (e.g. ``"GotOcr2"``) saved in ``folder``:
+    for when ``AutoProcessor`` fails for want of torchvision. ``settings``: the processor's own arguments."""
+    from transformers import AutoTokenizer
+
+    from vlsparse.compat import image_only_processor_class, pil_image_processor_class
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    images = pil_image_processor_class(image_processor).from_pretrained(folder)
+    return image_only_processor_class(processor)(images, tokenizer, chat_template=chat_template(tokenizer), **settings)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message (some start with a newline), else its type."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def check_question(question: str) -> None:
     if not question or not question.strip():
         raise InputError("the question is empty", "pass the question as the last argument, in quotes")
@@ -91,6 +124,9 @@ class Adapter(ABC):
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ()
     SUPPORTED: ClassVar[str] = ""
     is_vlm: ClassVar[bool] = False
+    image_tokens: ClassVar[bool] = False
+    """Whether images become tokens of the language model's sequence (what token methods and core
+    tokens drop); a VLM whose images enter through cross-attention (Mllama) has none."""
 
     def __new__(cls, model: nn.Module | None = None, family: str | None = None, name: str = "model"):
         if cls is Adapter:  # the base stands for "the right family": build that subclass
@@ -132,7 +168,7 @@ class Adapter(ABC):
             raise
         except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
             raise ModelLoadError(
-                f"cannot load the processor/tokenizer from {folder}: {str(exc).splitlines()[0][:160]}",
+                f"cannot load the processor/tokenizer from {folder}: {first_line(exc)[:160]}",
                 "the folder needs the tokenizer and preprocessor files saved by save_pretrained") from exc
 
     @classmethod
@@ -194,6 +230,11 @@ class Adapter(ABC):
             if hasattr(layer, attr):
                 return getattr(layer, attr)
         raise AttributeError(f"{type(layer).__name__} has no attention module")
+
+    def self_attention(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's attention over the prompt's own tokens (what profiles and the sparse runtime
+        change), or None for a layer without one (Mllama's cross-attention layers)."""
+        return self.attention(layer)
 
     @staticmethod
     def mlp(layer: nn.Module) -> nn.Module:
@@ -262,6 +303,13 @@ class Adapter(ABC):
     def image_spans(self, inputs, batch_index: int = 0) -> list[ImageSpan]:
         """Where each image's tokens sit in ``inputs['input_ids'][batch_index]``."""
 
+    # -- token dropping ------------------------------------------------------------------
+    def follow_token_drop(self, drop) -> list:
+        """Hooks that keep what the family adds per token inside the language model in step with the
+        survivors of ``drop`` (a ``vlsparse.kernels.token_drop.TokenDrop``); their handles. Most
+        families add nothing: []. (Qwen3-VL adds DeepStack features to the first layers.)"""
+        return []
+
 
 class VisionLanguageAdapter(Adapter):
     """What the vision-language families share: a ``*ForConditionalGeneration`` whose
@@ -269,6 +317,7 @@ class VisionLanguageAdapter(Adapter):
     image spans cut from each image's token count (``image_grids``)."""
 
     is_vlm: ClassVar[bool] = True
+    image_tokens: ClassVar[bool] = True
 
     @classmethod
     def auto_model_class(cls):
