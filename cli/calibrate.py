@@ -267,17 +267,19 @@ def _save_section(name: str, section: dict, profile, table, replacing: bool, bas
                   started: float, json_out: bool, show: bool, err) -> None:
     """Write the profile holding the new section, then say so: JSON, or the summary table and the time."""
     from vlsparse.profile import save_profile
+    from vlsparse.rss import peak_rss_mb
 
     if replacing and show:
         err.print(f"Note: replacing the {name} section of {base_path}", markup=False, highlight=False)
     save_profile(profile, out_path, force=force)
-    seconds = time.perf_counter() - started
+    seconds, peak = time.perf_counter() - started, peak_rss_mb()
     if json_out:
-        typer.echo(json.dumps({"out": str(out_path), "seconds": seconds, name: section}, indent=2))
+        typer.echo(json.dumps({"out": str(out_path), "seconds": seconds, "peak_rss_mb": peak, name: section},
+                              indent=2))
         return
     if show:
         err.print(table)
-        err.print(f"time {seconds:.1f} s", markup=False, highlight=False)
+        err.print(f"time {seconds:.1f} s, peak RSS {peak:.0f} MiB", markup=False, highlight=False)
     typer.echo(str(out_path))
 
 

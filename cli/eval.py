@@ -136,10 +136,14 @@ def eval_command(
             result = _demo_accuracy(loaded, DEMO_TASKS[task], n, seed, err)
             payload = {"model": loaded.name, "task": task, **result}
             table = _demo_table(result, loaded.name, task)
+    from vlsparse.rss import peak_rss_mb
+
+    payload["peak_rss_mb"] = peak_rss_mb()
     if json_out:
         typer.echo(json.dumps(payload, indent=2))
     else:
         Console().print(table)
+        err.print(f"peak RSS {payload['peak_rss_mb']:.0f} MiB", markup=False, highlight=False)
 
 
 def _perplexity(loaded, seq_len: int, err: Console):

@@ -63,6 +63,8 @@ def summary_table(result) -> Table:
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("time", f"{result.seconds:.1f} s")
+    for name, seconds in result.phases.items():  # the time split
+        table.add_row(f"  {name}", f"{seconds:.1f} s ({seconds / max(result.seconds, 1e-9):.0%})")
     table.add_row("peak RSS", f"{result.peak_rss_mb:.0f} MiB (at start {result.start_rss_mb:.0f} MiB)")
     table.add_row("model weights", f"{result.model_mb:.0f} MiB")
     table.add_row("output folder", f"{result.out_mb:.0f} MiB")
@@ -131,7 +133,7 @@ def prune(
                              progress=(lambda m: err.print(m, markup=False, highlight=False)) if show else None)
     if json_out:
         typer.echo(json.dumps({"out": str(result.out), "model": result.model_name, "achieved": result.achieved,
-                               "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb,
+                               "seconds": result.seconds, "phases": result.phases, "peak_rss_mb": result.peak_rss_mb,
                                "model_mb": result.model_mb, "out_mb": result.out_mb, "groups": result.groups},
                               indent=2))
         return

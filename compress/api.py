@@ -36,6 +36,7 @@ from vlsparse.compress.packed import unpack_mask, write_packed_checkpoint
 from vlsparse.compress.sequential import Block, Progress, StreamedModel, build_skeleton, find_blocks, sequential_prune
 from vlsparse.compress.wanda import parse_structure
 from vlsparse.errors import InputError, ProfileError, param
+from vlsparse.phases import Phases
 from vlsparse.rss import current_rss_mb, peak_rss_mb, reset_peak_rss
 
 SCOPES = ("global", "per-tower")
@@ -120,6 +121,9 @@ class PruneResult:
     model_mb: float = 0.0
     out_mb: float = 0.0
     profile_source: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    """Wall seconds per phase of the run (the time split): building, calibration data, allocation scores,
+    the sequential loop's parts, writing."""
 
 
 # ----------------------------------------------------------------------------- model choice
@@ -256,9 +260,11 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
                  inputs=[p for p in (config.profile, config.calib) if p and Path(p).exists()])
 
     start = time.perf_counter()
+    phase = Phases()
     progress(f"Building {name} on the meta device")
-    processor = load_processor(folder, family)
-    skeleton = build_skeleton(folder, family)
+    with phase("build on the meta device"):
+        processor = load_processor(folder, family)
+        skeleton = build_skeleton(folder, family)
     reset_peak_rss()  # from here on (code loaded, no weights read) the peak measures this run's data
     start_rss = current_rss_mb()
     adapter = Adapter(skeleton, family, name=name)
@@ -267,13 +273,16 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
     reader = CheckpointReader(folder)
     streamed = StreamedModel(skeleton, reader, blocks, spill_parent=_existing_parent(out))
     try:
-        streamed.load_stem()
+        with phase("read the stem (embeddings, norms, head)"):
+            streamed.load_stem()
         fingerprint = adapter.fingerprint()
         source_profile, source_profile_path = _find_source_profile(config, fingerprint, cwd)
 
         progress("Preparing calibration data")
-        calib = build_calibration(adapter, processor, config.calib, config.samples, config.seq_len, config.seed)
-        keeps, scores, policy_record = allocate(streamed, calib.batches, config, progress)
+        with phase("calibration data"):
+            calib = build_calibration(adapter, processor, config.calib, config.samples, config.seq_len, config.seed)
+        with phase(f"allocation scores ({config.resolved_allocation()})"):
+            keeps, scores, policy_record = allocate(streamed, calib.batches, config, progress)
         counts = _prune_counts(blocks, keeps)
 
         method = method_named(config.method)
@@ -282,7 +291,8 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
             return {n: method.prune_layer(skeleton.get_parameter(n), stats[n], counts[n], nm)
                     for n in block.weight_names()}
 
-        sequential_prune(streamed, calib.batches, prune_block, new_stats=method.new_stats, progress=progress)
+        sequential_prune(streamed, calib.batches, prune_block, new_stats=method.new_stats, progress=progress,
+                         phases=phase)
 
         ckpt_masks = {streamed.key_of[n]: bits for n, bits in streamed.masks.items()}
         matrices, groups = [], []
@@ -310,12 +320,13 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
             attention_profile=source_profile_path)
 
         progress(f"Writing {out}")
-        _write(out, config, reader, folder, ckpt_masks, pruned_profile(fingerprint, section, source_profile),
-               progress, source=streamed.checkpoint_tensor)
+        with phase("write the checkpoint"):
+            _write(out, config, reader, folder, ckpt_masks, pruned_profile(fingerprint, section, source_profile),
+                   progress, source=streamed.checkpoint_tensor)
         return PruneResult(out=out, model_name=name, achieved=achieved, groups=groups, matrices=matrices,
-                           seconds=seconds, peak_rss_mb=peak, start_rss_mb=start_rss,
+                           seconds=time.perf_counter() - start, peak_rss_mb=peak, start_rss_mb=start_rss,
                            model_mb=reader.nbytes() / 2**20, out_mb=dir_size(out) / 2**20,
-                           profile_source=source_profile_path)
+                           profile_source=source_profile_path, phases=dict(phase.seconds))
     finally:
         streamed.close()  # the updated weights (SparseGPT) are in the checkpoint now
 

@@ -37,6 +37,7 @@ from vlsparse.compress.checkpoint import CheckpointReader
 from vlsparse.compress.packed import pack_mask, unpack_mask
 from vlsparse.compress.methods.wanda import new_stats as sq_norm_stats
 from vlsparse.errors import ModelLoadError
+from vlsparse.phases import Phases
 
 Progress = Callable[[str], None]
 
@@ -417,43 +418,49 @@ def towers_of(blocks: list[Block]) -> list[list[Block]]:
 
 def sequential_prune(streamed: StreamedModel, batches: list[dict],
                      prune_block: Callable[[Block, dict], dict], new_stats: Callable[[nn.Linear], object] = sq_norm_stats,
-                     progress: Progress = lambda _: None) -> None:
+                     progress: Progress = lambda _: None, phases: Phases | None = None) -> None:
     """Calibrate, prune and re-run every block in order (vision tower, projector, LM).
 
     Each Linear's input feeds a collector ``new_stats(linear)``; ``prune_block(block,
     stats)`` returns a ``LayerUpdate`` per weight name from the live (dense) weights; the
     masks are applied before the block is re-run and kept (packed) in ``streamed.masks``.
+    ``phases`` receives the time split (capture, read weights, statistics, method, next inputs).
     """
+    phase = phases if phases is not None else Phases()
     total = len(streamed.blocks)
     done = 0
     with torch.no_grad():
         for tower in towers_of(streamed.blocks):
             progress(f"Capturing the inputs of the {tower[0].tower} {'tower' if len(tower) > 1 else 'block'}")
-            captured = [capture_tower(streamed, tower, batch) for batch in batches]
+            with phase("capture tower inputs"):
+                captured = [capture_tower(streamed, tower, batch) for batch in batches]
             hidden = [c.hidden for c in captured]
             for j, block in enumerate(tower):
                 done += 1
                 progress(f"({done}/{total}) Calibrating {block.name}")
-                streamed.materialise(block)
+                with phase("read weights"):
+                    streamed.materialise(block)
                 try:
-                    with layer_stats(block.linears, new_stats) as stats:
+                    with phase("statistics (block forward)"), layer_stats(block.linears, new_stats) as stats:
                         for h, c in zip(hidden, captured):
                             run_block(block, h, c.calls[j])
                     missing = [n for n, s in stats.items() if not s.tokens]
                     if missing:
                         raise ModelLoadError(f"{missing[0]} did not run during calibration",
                                              "this model's layout is not supported for pruning")
-                    updates = prune_block(block, {f"{n}.weight": s for n, s in stats.items()})
-                    masks = {name: u.mask for name, u in updates.items()}
-                    weights = {name: u.weight for name, u in updates.items() if u.weight is not None}
-                    streamed.set_weights(block, weights)  # SparseGPT: the corrected kept weights
-                    for name, mask in masks.items():
-                        if name in weights:
-                            _set_tensor(streamed.model, name, streamed._load(name))
-                        streamed.model.get_parameter(name).mul_(mask)
-                    streamed.set_masks(masks)
+                    with phase("masks and updates (method)"):
+                        updates = prune_block(block, {f"{n}.weight": s for n, s in stats.items()})
+                        masks = {name: u.mask for name, u in updates.items()}
+                        weights = {name: u.weight for name, u in updates.items() if u.weight is not None}
+                        streamed.set_weights(block, weights)  # SparseGPT: the corrected kept weights
+                        for name, mask in masks.items():
+                            if name in weights:
+                                _set_tensor(streamed.model, name, streamed._load(name))
+                            streamed.model.get_parameter(name).mul_(mask)
+                        streamed.set_masks(masks)
                     if j + 1 < len(tower):
-                        hidden = [with_added(run_block(block, h, c.calls[j]), c.calls[j + 1])
-                                  for h, c in zip(hidden, captured)]
+                        with phase("next inputs (pruned block forward)"):
+                            hidden = [with_added(run_block(block, h, c.calls[j]), c.calls[j + 1])
+                                      for h, c in zip(hidden, captured)]
                 finally:
                     streamed.release(block)

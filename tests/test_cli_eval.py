@@ -17,6 +17,7 @@ def test_eval_pydoc_perplexity_json(llama_dir):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["task"] == "pydoc-ppl" and data["perplexity"] > 1.0 and data["windows"] >= 1
+    assert data["peak_rss_mb"] > 50  # this process's peak resident memory: python, torch and the model
 
 
 def test_eval_rejects_unknown_task_and_ppl_on_vlm(llava_dir):
