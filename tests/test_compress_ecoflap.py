@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vlsparse.compress.allocations.ecoflap import noise, zeroth_order_scores
@@ -42,3 +43,32 @@ def test_zeroth_order_score_matches_autograd_directional_derivative(llama_dir):
             directional += float((noise(7, g, 0, i, tuple(param.shape)) * param.grad).sum())
         assert abs(scores.raw[g] - abs(directional)) <= 0.02 * abs(directional) + 1e-4
         assert abs(scores.per_weight[g] - scores.raw[g] / block.size()) < 1e-12
+
+
+@pytest.mark.parametrize("fixture,family", [("llama_dir", "causal_lm"), ("llava_dir", "llava"),
+                                            ("qwen3_vl_dir", "qwen3_vl")])
+def test_replaying_the_unperturbed_prefix_gives_the_same_scores_as_full_forwards(fixture, family, request):
+    from vlsparse.compress.calibration import build_calibration
+
+    folder = request.getfixturevalue(fixture)
+    skeleton = build_skeleton(folder, family)
+    adapter = Adapter(skeleton, family)
+    blocks = find_blocks(skeleton, adapter)
+    streamed = StreamedModel(skeleton, CheckpointReader(folder), blocks)
+    streamed.load_stem()
+    calib = build_calibration(adapter, load_processor(folder, family), None, 2, 16, 0)
+    batches = take_samples(calib.batches, 2)
+    full = zeroth_order_scores(streamed, batches, draws=2, seed=3, reuse_prefix=False)
+    runs = []  # blocks read and run in the replaying run (replayed ones are neither)
+    materialise = streamed.materialise
+
+    def counted(block):
+        runs.append(block.name)
+        materialise(block)
+
+    streamed.materialise = counted
+    replay = zeroth_order_scores(streamed, batches, draws=2, seed=3)
+    assert replay.raw == pytest.approx(full.raw, rel=1e-5, abs=1e-9) and max(full.raw) > 0
+    g = len(blocks)
+    # per batch: one unperturbed forward of every block, then for block k two draws x two signs of blocks k..end
+    assert len(runs) == 2 * (g + 4 * sum(g - k for k in range(g)))

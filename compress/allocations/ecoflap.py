@@ -29,8 +29,9 @@ level is solved for and the total is exact.)
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,8 @@ def noise(seed: int, group: int, draw: int, index: int, shape: tuple[int, ...]) 
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def batch_loss(streamed: StreamedModel, batch: dict) -> float:
-    out = streamed.forward(batch)
+def batch_loss(streamed: StreamedModel, batch: dict, skip: tuple = ()) -> float:
+    out = streamed.forward(batch, skip=skip)
     loss = getattr(out, "loss", None)
     if loss is None:
         raise InputError("the calibration batch gave no loss (no labels)", "calibration data needs text tokens")
@@ -73,30 +74,80 @@ def batch_loss(streamed: StreamedModel, batch: dict) -> float:
 
 
 def zeroth_order_scores(streamed: StreamedModel, batches: list[dict], epsilon: float = 1e-3, draws: int = 1,
-                        seed: int = 0, progress: Progress = lambda _: None) -> GroupScores:
-    """ECoFLaP scores of every block of ``streamed`` on ``batches`` (each with ``labels``)."""
+                        seed: int = 0, progress: Progress = lambda _: None,
+                        reuse_prefix: bool = True) -> GroupScores:
+    """ECoFLaP scores of every block of ``streamed`` on ``batches`` (each with ``labels``).
+
+    Perturbing block ``g`` leaves every block before it as it was, so with ``reuse_prefix``
+    one unperturbed forward per batch records every block's output, and each perturbed
+    forward replays blocks ``0..g-1`` from that record instead of reading and running them:
+    about half the block forwards and reads, the same losses. Memory: one batch's block outputs
+    (ECoFLaP batches hold one sample each).
+    """
     if epsilon <= 0 or draws < 1 or not batches:
         raise InputError("ECoFLaP needs epsilon > 0, at least one draw and one calibration batch")
     blocks = streamed.blocks
-    raw: list[float] = []
-    for g, block in enumerate(blocks):
-        progress(f"({g + 1}/{len(blocks)}) ECoFLaP scoring {block.name}")
-        total = 0.0
-        for draw in range(draws):
-            for b, batch in enumerate(batches):
+    differences: dict[tuple[int, int, int], float] = {}  # (group, draw, batch) -> |dL| / (2 eps)
+    for b, batch in enumerate(batches):
+        progress(f"({b + 1}/{len(batches)}) ECoFLaP scoring {len(blocks)} blocks on calibration sample {b + 1}")
+        outputs = block_outputs(streamed, batch) if reuse_prefix else None
+        for g, block in enumerate(blocks):
+            for draw in range(draws):
                 loss = {}
                 for sign in (1.0, -1.0):  # the same z both ways: regenerated from its seed, never stored
                     streamed.perturbation = Perturbation(
                         block.name, sign, epsilon,
                         lambda i, shape, g=g, d=draw * len(batches) + b: noise(seed, g, d, i, shape))
                     try:
-                        loss[sign] = batch_loss(streamed, batch)
+                        with replayed(blocks[:g], outputs):
+                            loss[sign] = batch_loss(streamed, batch, skip=tuple(blocks[:g]) if outputs else ())
                     finally:
                         streamed.perturbation = None
-                total += abs(loss[1.0] - loss[-1.0]) / (2 * epsilon)
-        raw.append(total / (draws * len(batches)))
+                differences[g, draw, b] = abs(loss[1.0] - loss[-1.0]) / (2 * epsilon)
+    raw = [sum(differences[g, draw, b] for draw in range(draws) for b in range(len(batches)))
+           / (draws * len(batches)) for g in range(len(blocks))]
     per_weight = [r / max(1, b.size()) for r, b in zip(raw, blocks)]
     return GroupScores([b.name for b in blocks], raw, per_weight)
+
+
+def block_outputs(streamed: StreamedModel, batch: dict) -> list | None:
+    """What every block returned in one unperturbed forward on ``batch``; None if some block did not run
+    exactly once (then nothing is replayed)."""
+    outputs: list[list] = [[] for _ in streamed.blocks]
+    handles = [block.module.register_forward_hook(lambda m, a, out, i=i: outputs[i].append(out))
+               for i, block in enumerate(streamed.blocks)]
+    try:
+        streamed.forward(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(len(o) != 1 for o in outputs):
+        return None
+    return [o[0] for o in outputs]
+
+
+def _copy(output):
+    """A fresh copy of a block's output (the model may change what a block returns in place)."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_copy(o) for o in output)
+    return output
+
+
+@contextlib.contextmanager
+def replayed(blocks: Sequence, outputs: list | None) -> Iterator[None]:
+    """Blocks ``blocks`` (the first ones, in order) return their recorded outputs instead of running."""
+    if not outputs or not blocks:
+        yield
+        return
+    for i, block in enumerate(blocks):
+        block.module.forward = lambda *args, i=i, **kwargs: _copy(outputs[i])
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.module.forward
 
 
 def water_fill(sizes: Sequence[int], scores: Sequence[float], ratio: float, max_deviation: float = 0.1) -> list[int]:
