@@ -177,9 +177,11 @@ def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpa
 
     total = len(prepared)
     for index, (sample, inputs, spans, n) in enumerate(prepared, start=1):
-        image_tokens = sum(s.length for s in spans)
-        say(f"({index}/{total}) {sample.name}: {n} tokens ({image_tokens} image tokens, "
-            f"{len({s.image_index for s in spans})} images)")
+        if adapter.image_tokens or not sample.images:
+            seen = f"{sum(s.length for s in spans)} image tokens, {len({s.image_index for s in spans})} images"
+        else:  # Mllama: the images are given, but reach the LM through its cross-attention layers
+            seen = f"{len(sample.images)} images through cross-attention, no image tokens"
+        say(f"({index}/{total}) {sample.name}: {n} tokens ({seen})")
 
         def on_layer(layer: int, query: torch.Tensor, key: torch.Tensor, scale: float,
                      spans=spans, index=index) -> None:

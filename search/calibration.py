@@ -6,7 +6,8 @@ model inputs (``calibration_from``):
 - demo scenes (the default for a vision-language model: ``demo:multi+grid``, sample
   i of ``multi`` / ``grid`` alternately; ``demo:multi`` or ``demo:grid`` for one kind),
   with as many images (grid cells) as it takes to reach ``seq_len`` tokens in the
-  model's own prompt format, each image after its label;
+  model's own prompt format, each image after its label (a few images, and a short
+  prompt, where images enter through cross-attention: Mllama);
 - JSONL entries used as given (a text entry becomes one window of its text);
 - plain text (pydoc for a text-only model, a ``.txt`` file, a folder of them): ``samples``
   windows of ``seq_len`` tokens at seeded random, distinct offsets.
@@ -56,8 +57,17 @@ class CalibrationSet:
 # ----------------------------------------------------------------------------- building
 
 
+CROSS_ATTENTION_IMAGES = 4
+"""Images (grid cells) per demo prompt for a model whose images enter through cross-attention (Mllama):
+each adds one marker token, so no count of them reaches ``seq_len`` (thousands would be asked for, each
+run through the vision tower); the prompt stays short."""
+
+
 def demo_images(loaded, seq_len: int) -> int:
-    """Images (grid cells) per demo prompt to reach about ``seq_len`` tokens in ``loaded``'s prompt format."""
+    """Images (grid cells) per demo prompt to reach about ``seq_len`` tokens in ``loaded``'s prompt format
+    (``CROSS_ATTENTION_IMAGES`` when images are not tokens of the prompt)."""
+    if loaded.adapter.is_vlm and not loaded.adapter.image_tokens:
+        return CROSS_ATTENTION_IMAGES
     per_image, overhead = _image_cost(loaded)
     return max(1, math.ceil((seq_len - overhead) / max(per_image, 1)))
 

@@ -97,6 +97,17 @@ def test_mllama_has_no_image_spans_and_refuses_token_methods(mllama_dir):
     assert "\n" not in str(info.value)
 
 
+def test_mllama_demo_calibration_gives_a_few_images_not_one_per_wanted_token(mllama_dir, llava_next_dir):
+    """An image adds one marker token to an Mllama prompt: filling --seq-len with images would ask for thousands."""
+    from vlsparse.search.calibration import CROSS_ATTENTION_IMAGES, calibration_from, demo_images
+
+    loaded = load(mllama_dir)
+    assert demo_images(loaded, 4096) == demo_images(loaded, 128) == CROSS_ATTENTION_IMAGES == 4
+    assert all(len(s.images) == 4 for s in calibration_from(loaded, samples=2, seq_len=4096).samples)
+    llava_next = load(llava_next_dir)
+    assert demo_images(llava_next, 4096) > 4 * demo_images(llava_next, 128)  # image tokens fill the length
+
+
 FAST = dict(samples=2, ecoflap_samples=2, allocation="uniform")
 
 

@@ -29,7 +29,7 @@ def _logits(loaded, inputs):
 
 
 @pytest.mark.parametrize("key", ["llava", "qwen2_vl", "qwen3_vl", "internvl", "gemma3", "paligemma", "idefics3",
-                                 "mllama", "llava_next", "llava_onevision"])
+                                 "smolvlm", "mllama", "llava_next", "llava_onevision"])
 def test_all_covering_sparse_lists_reproduce_sdpa_logits(vlm_dirs, key):
     loaded = load(vlm_dirs[key])
     inputs = _inputs(loaded)

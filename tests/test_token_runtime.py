@@ -1,5 +1,6 @@
 """The token-reduction runtime (kernels/token_runtime.py, kernels/token_drop.py) on tiny 4-layer LLaVA and Qwen2-VL
-(and Qwen3-VL, whose DeepStack features must follow the survivors).
+(and Qwen3-VL, whose DeepStack features must follow the survivors; the dropped-token oracle also on InternVL,
+Idefics3, SmolVLM, LLaVA-NeXT and LLaVA-OneVision).
 
 Survivors keep their rotary positions, multi-stage drops keep nested subsets, prefill and
 decoding equal a dense model whose layers cannot see the dropped tokens, every method
@@ -23,9 +24,23 @@ from prompts import generate_with_logits, textured_inputs
 FIT = {"fastv": {"k": 1}, "zipvl": {"k": 1}, "todre": {"layers": [1]}}
 
 
+class _Loaded(dict):
+    """Models loaded on first use: a test of one family builds and loads only that family's model."""
+
+    def __init__(self, request, fixtures: dict[str, str]):
+        super().__init__()
+        self.request, self.fixtures = request, fixtures
+
+    def __missing__(self, key):
+        self[key] = load(self.request.getfixturevalue(self.fixtures[key]))
+        return self[key]
+
+
 @pytest.fixture(scope="module")
-def models(llava4_dir, qwen2_vl4_dir, qwen3_vl_dir):
-    return {"llava": load(llava4_dir), "qwen2_vl": load(qwen2_vl4_dir), "qwen3_vl": load(qwen3_vl_dir)}
+def models(request):
+    return _Loaded(request, {"llava": "llava4_dir", "qwen2_vl": "qwen2_vl4_dir", "qwen3_vl": "qwen3_vl_dir",
+                             "internvl": "internvl_dir", "idefics3": "idefics3_dir", "smolvlm": "smolvlm_dir",
+                             "llava_next": "llava_next_dir", "llava_onevision": "llava_onevision_dir"})
 
 
 def _inputs(loaded, n_images=4):
@@ -86,8 +101,12 @@ def _oracle_hooks(loaded, layer_keep: dict[int, torch.Tensor], prompt_len: int):
 
 CASES = [("fastv", "llava"), ("pyramiddrop", "llava"), ("divprune", "llava"), ("fastv", "qwen2_vl"),
          ("pyramiddrop", "qwen2_vl"), ("divprune", "qwen2_vl"), ("fastv", "qwen3_vl"), ("pyramiddrop", "qwen3_vl"),
-         ("divprune", "qwen3_vl")]
-"""Qwen3-VL: its DeepStack features (layers 0 and 1) must follow the survivors for the oracle to match."""
+         ("divprune", "qwen3_vl"), *[(method, key) for key in ("internvl", "idefics3", "smolvlm", "llava_next",
+                                                               "llava_onevision") for method in ("fastv", "divprune")]]
+"""Qwen3-VL: its DeepStack features (layers 0 and 1) must follow the survivors for the oracle to match.
+The other families have 2 LM layers (FastV drops after layer 0) and several spans per image: Idefics3/SmolVLM's
+tiles and global image, LLaVA-NeXT/OneVision's base image and newline-ended any-res rows (InternVL's 16-pixel
+test images take one tile each)."""
 
 
 @pytest.mark.parametrize("method,key", CASES)
