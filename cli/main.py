@@ -12,12 +12,13 @@ HELP = """Make vision-language models cheaper to run.
   vlsparse profile                      find each attention head's sparse pattern -> profiles/<model>.yaml
   vlsparse prune --ratio 0.5            prune weights (ECoFLaP + Wanda) -> a checkpoint folder
   vlsparse run IMAGE "QUESTION"         answer with the compressed model and the sparse runtime
+  vlsparse recipe export CHECKPOINT     the settings of a compression as a YAML recipe, to replay elsewhere
 
 Every command takes --model (a folder, a hub id, or `demo`, the embedded model) and --help.
 Set VLSPARSE_DEBUG=1 to see tracebacks.
 """
 
-COMMAND_MODULES = ("run", "profile", "prune", "calibrate", "inspect", "eval", "bench")
+COMMAND_MODULES = ("run", "profile", "prune", "calibrate", "recipe", "inspect", "eval", "bench")
 
 
 def build_app() -> typer.Typer:

@@ -314,7 +314,8 @@ def prune_model(model: str | Path = "demo", out: str | Path | None = None, confi
         section = pruning_section(
             method=config.method, allocation=config.resolved_allocation(), structure=config.structure,
             scope=config.scope, ratio=config.ratio, max_deviation=config.max_deviation, packed=config.pack,
-            calibration=calibration_entry(calib.source, calib.samples, calib.seq_len, calib.seed, calib.tokens),
+            calibration=calibration_entry(calib.source, calib.samples, calib.seq_len, calib.seed, calib.tokens,
+                                          target_seq_len=config.seq_len),
             policy=policy_record, model=name, path=str(folder.resolve()), seconds=seconds, peak_rss_mb=peak,
             start_rss_mb=start_rss, model_mb=reader.nbytes() / 2**20, groups=groups, matrices=matrices,
             attention_profile=source_profile_path)

@@ -52,6 +52,12 @@ The ``core`` section (YAML; every list item is a mapping with named fields)::
       thresholds: {of: abs_act_gate, sparsity: 0.5}   # CATS, values per layer below
       layers:                       # per LM layer, from passes 1-2
         - {layer: 0, neurons: 1536, threshold: 0.0123, decode_error: 0.31, core_mass: 0.62}
+      options:                      # the options as given, where the rest keeps only what they chose
+        neuron_layers: null         # (what a recipe replays; older profiles lack it)
+        token_layers: null
+        score: [text]
+        max_keep: [0.25, 0.5]
+        guard_tokens: 32
 
 ``neurons`` is the layer's d_ff, ``core_mass`` the share of the prompt's summed
 ``|a|`` that falls on K. The section's schema lives in ``vlsparse.profile.core``, whose
@@ -288,6 +294,9 @@ def calibrate_core(loaded, calibration, *, alpha: float = 0.2, beta: float = 0.4
         "tokens": tokens,
         "thresholds": {"of": "abs_act_gate", "sparsity": cats_sparsity},
         "layers": layer_rows,
+        "options": {"neuron_layers": None if neuron_layers is None else sorted(neuron_layers),
+                    "token_layers": None if token_layers is None else sorted(token_layers),
+                    "score": list(scores), "max_keep": max_keep, "guard_tokens": guard_tokens},
     }
 
 

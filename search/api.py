@@ -134,7 +134,7 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
     return Profile(
         model=adapter.fingerprint(),
         calibration=Calibration(source=calibration.source, samples=used, seq_len=n_cal,
-                                seed=calibration.seed),
+                                seed=calibration.seed, target_seq_len=calibration.seq_len),
         attention=AttentionProfile(layers=layers, block_size=BLOCK, recall_target=recall, last_q=LAST_Q,
                                    tail_recall_target=tail_recall, dense_tail=dense_tail),
         tensors=tensors,

@@ -5,7 +5,8 @@
   error instead of silently replacing the other's result.
 - An existing output is replaced only with ``force``, and only if vlsparse wrote
   it: a folder holding the marker file ``MARKER``, a profile YAML (a mapping
-  with ``version`` and ``model``) or its safetensors sidecar, or a PNG whose
+  with ``version`` and ``model``) or its safetensors sidecar, a recipe YAML (a
+  mapping with ``vlsparse_recipe``), or a PNG whose
   ``Software`` text says vlsparse. Any other file or folder is refused.
 - An output is never an input, inside an input folder, or a folder holding one.
 - Work happens in a temporary name beside the output, ``.NAME.PID.RANDOM.tmp``;
@@ -51,7 +52,8 @@ def _explain(exc: OSError, path: Path) -> OutputError:
 # ----------------------------------------------------------------------------- what vlsparse wrote
 
 
-def _is_profile_yaml(path: Path) -> bool:
+def _is_profile_yaml(path: Path, recipe: bool = False) -> bool:
+    """A profile YAML vlsparse wrote (with ``recipe``: or a recipe)."""
     import yaml
 
     try:
@@ -60,6 +62,8 @@ def _is_profile_yaml(path: Path) -> bool:
         data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return False
+    if recipe and isinstance(data, dict) and "vlsparse_recipe" in data:  # ``vlsparse.recipe``
+        return True
     return isinstance(data, dict) and "version" in data and isinstance(data.get("model"), dict)
 
 
@@ -79,7 +83,7 @@ def written_by_vlsparse(path: str | os.PathLike) -> bool:
     if path.is_dir():
         return (path / MARKER).is_file()
     if path.suffix in _PROFILE_SUFFIXES:
-        return _is_profile_yaml(path)
+        return _is_profile_yaml(path, recipe=True)
     if path.suffix == ".safetensors":  # a profile's sidecar goes with its YAML
         return any(_is_profile_yaml(path.with_suffix(s)) for s in _PROFILE_SUFFIXES)
     if path.suffix == ".png":

@@ -13,7 +13,7 @@ checkpoint's ``vlsparse.yaml``; ``load_profile`` keeps it as a plain mapping
     max_deviation: 0.1            # every group's sparsity within ratio +- this
     pruned_params: 123456         # weights in the pruned matrices
     packed: false
-    calibration: {source: demo:vqa, samples: 32, seq_len: 61, seed: 0, tokens: 1952}
+    calibration: {source: demo:vqa, samples: 32, seq_len: 61, seed: 0, tokens: 1952, target_seq_len: 256}
     ecoflap: {epsilon: 0.001, draws: 1, samples: 8, seed: 0}   # the policy's record; or owl: {m: 5.0, lam: 0.08}
     source: {model: demo, path: /abs/path}
     run: {seconds: 12.3, peak_rss_mb: 512.0, start_rss_mb: 400.0, model_mb: 80.0}
@@ -56,8 +56,14 @@ def achieved_sparsity(groups: Sequence[dict[str, Any]]) -> float:
     return sum(g["params"] - g["keep"] for g in groups) / params
 
 
-def calibration_entry(source: str, samples: int, seq_len: int, seed: int, tokens: int) -> dict[str, Any]:
-    return {"source": source, "samples": samples, "seq_len": seq_len, "seed": seed, "tokens": tokens}
+def calibration_entry(source: str, samples: int, seq_len: int, seed: int, tokens: int,
+                      target_seq_len: int | None = None) -> dict[str, Any]:
+    """``seq_len``: the longest calibration sequence; ``target_seq_len``: the ``seq_len`` asked for (text
+    windows; a vision-language model's prompts are used as they are), what a recipe replays."""
+    entry = {"source": source, "samples": samples, "seq_len": seq_len, "seed": seed, "tokens": tokens}
+    if target_seq_len is not None:
+        entry["target_seq_len"] = target_seq_len
+    return entry
 
 
 def pruning_section(*, method: str, allocation: str, structure: str, scope: str, ratio: float, max_deviation: float,

@@ -72,12 +72,17 @@ class ModelFingerprint:
 
 @dataclass
 class Calibration:
-    """The data that produced a profile."""
+    """The data that produced a profile.
+
+    ``seq_len``: the samples' mean length as seen; ``target_seq_len``: the ``seq_len`` that was asked
+    for (what a recipe replays; None in profiles written before it was recorded).
+    """
 
     source: str
     samples: int
     seq_len: int
     seed: int
+    target_seq_len: int | None = None
 
 
 @dataclass
@@ -156,7 +161,8 @@ def sidecar_path(yaml_path: str | Path) -> Path:
 def profile_to_dict(profile: Profile) -> dict[str, Any]:
     out: dict[str, Any] = {"version": profile.version, "model": asdict(profile.model)}
     if profile.calibration is not None:
-        out["calibration"] = asdict(profile.calibration)
+        out["calibration"] = {k: v for k, v in asdict(profile.calibration).items()
+                              if v is not None or k != "target_seq_len"}
     if profile.attention is not None:
         att = profile.attention
         out["attention"] = {
@@ -279,6 +285,8 @@ def profile_from_dict(data: Any) -> Profile:
             samples=checks.integer(c, "samples", "calibration"),
             seq_len=checks.integer(c, "seq_len", "calibration"),
             seed=checks.integer(c, "seed", "calibration", -(2**63), 2**63 - 1),
+            target_seq_len=checks.integer(c, "target_seq_len", "calibration", 1, default=None)
+            if c.get("target_seq_len") is not None else None,
         )
     attention = None
     if data.get("attention") is not None:
