@@ -123,7 +123,8 @@ def apply(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    from vlsparse.recipe import apply_recipe, load_recipe
+    from vlsparse.recipe import load_recipe
+    from vlsparse.recipe_apply import apply_recipe
 
     data = load_recipe(recipe)  # a bad recipe is refused before any model work
     model = model_arg or "demo"

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from vlsparse.cli.main import build_app
 from vlsparse.errors import InputError, OutputError
 from vlsparse.profile import load_profile, profile_from_dict, profile_to_dict
-from vlsparse.recipe import apply_recipe, load_recipe, recipe_from_profile, save_recipe
+from vlsparse.recipe import load_recipe, recipe_from_profile, save_recipe
+from vlsparse.recipe_apply import apply_recipe
 
 runner = CliRunner()
 
