@@ -56,6 +56,24 @@ class ImageSpan:
         return self.end - self.start
 
 
+def square_image_grids(inputs, side: int, image_token_id: int | None) -> list[tuple[int, int, int, int]] | None:
+    """One ``side`` x ``side`` grid per image, for families whose every image gives the same square of tokens.
+
+    The image count is ``pixel_values``' batch, else the image tokens over one image's count;
+    None when neither says (or the tokens do not split into whole images).
+    """
+    if inputs.get("pixel_values") is not None:
+        count = int(inputs["pixel_values"].shape[0])
+    elif inputs.get("input_ids") is not None and image_token_id is not None:
+        tokens = int((inputs["input_ids"][0] == image_token_id).sum())
+        if tokens % (side * side):
+            return None
+        count = tokens // (side * side)
+    else:
+        return None
+    return [(0, side, side, 1)] * count
+
+
 def true_runs(flags: torch.Tensor) -> list[tuple[int, int]]:
     """Maximal runs [start, end) of True in a 1-D boolean tensor."""
     runs: list[tuple[int, int]] = []

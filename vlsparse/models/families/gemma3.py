@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vlsparse.compat import cache_layer_keys, cache_of_call
-from vlsparse.models.families.base import VisionLanguageAdapter
+from vlsparse.models.families.base import VisionLanguageAdapter, square_image_grids
 
 
 class Gemma3Adapter(VisionLanguageAdapter):
@@ -46,24 +46,10 @@ class Gemma3Adapter(VisionLanguageAdapter):
         return self.model.model.multi_modal_projector
 
     def image_grids(self, inputs) -> list[tuple[int, int, int, int]] | None:
-        """One square grid of ``mm_tokens_per_image`` tokens per image (pan-and-scan crops are images too).
-
-        The image count is ``pixel_values``' batch, else the image tokens over one image's count.
-        """
+        """One square grid of ``mm_tokens_per_image`` tokens per image (pan-and-scan crops are images too)."""
         per_image = int(self.model.config.mm_tokens_per_image)
         side = math.isqrt(per_image)
-        if side * side != per_image:
-            return None
-        if inputs.get("pixel_values") is not None:
-            count = int(inputs["pixel_values"].shape[0])
-        elif inputs.get("input_ids") is not None and self.image_token_id is not None:
-            tokens = int((inputs["input_ids"][0] == self.image_token_id).sum())
-            if tokens % per_image:
-                return None
-            count = tokens // per_image
-        else:
-            return None
-        return [(0, side, side, 1)] * count
+        return square_image_grids(inputs, side, self.image_token_id) if side * side == per_image else None
 
     # -- token dropping ------------------------------------------------------------------
     def follow_token_drop(self, drop) -> list:

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from vlsparse.models.families.base import VisionLanguageAdapter
+from vlsparse.models.families.base import VisionLanguageAdapter, square_image_grids
 
 
 class PaliGemmaAdapter(VisionLanguageAdapter):
@@ -53,19 +53,6 @@ class PaliGemmaAdapter(VisionLanguageAdapter):
         return self.model.model.multi_modal_projector
 
     def image_grids(self, inputs) -> list[tuple[int, int, int, int]] | None:
-        """The tower's square patch grid per image (``image_size / patch_size`` a side).
-
-        The image count is ``pixel_values``' batch, else the image tokens over one image's count.
-        """
+        """The tower's square patch grid per image (``image_size / patch_size`` a side)."""
         vision = self.model.config.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
-        if inputs.get("pixel_values") is not None:
-            count = int(inputs["pixel_values"].shape[0])
-        elif inputs.get("input_ids") is not None and self.image_token_id is not None:
-            tokens = int((inputs["input_ids"][0] == self.image_token_id).sum())
-            if tokens % (side * side):
-                return None
-            count = tokens // (side * side)
-        else:
-            return None
-        return [(0, side, side, 1)] * count
+        return square_image_grids(inputs, int(vision.image_size) // int(vision.patch_size), self.image_token_id)
