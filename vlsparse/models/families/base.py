@@ -334,6 +334,19 @@ class VisionLanguageAdapter(Adapter):
     ``model.language_model`` is the decoder, a processor taking text and images, and
     image spans cut from each image's token count (``image_grids``)."""
 
+    def vision_tower(self) -> nn.Module:
+        """``model.vision_tower`` (the LLaVA layout, which most families follow)."""
+        return self.model.model.vision_tower
+
+    def vision_layers(self) -> list[nn.Module]:
+        """The tower's encoder layers (inside ``vision_model`` for CLIP and SigLIP towers)."""
+        tower = self.vision_tower()
+        return list(getattr(tower, "vision_model", tower).encoder.layers)
+
+    def projector(self) -> nn.Module:
+        """``model.multi_modal_projector`` (the LLaVA layout)."""
+        return self.model.model.multi_modal_projector
+
     is_vlm: ClassVar[bool] = True
     image_tokens: ClassVar[bool] = True
 

@@ -17,7 +17,6 @@ import math
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from vlsparse.compat import cache_layer_keys, cache_of_call
 from vlsparse.models.families.base import VisionLanguageAdapter, square_image_grids
@@ -34,16 +33,6 @@ class Gemma3Adapter(VisionLanguageAdapter):
     def plain_prompt(cls, processor, question: str, n_images: int) -> str:
         image = getattr(processor, "boi_token", "<start_of_image>")
         return f"<start_of_turn>user\n{image * n_images}{question}<end_of_turn>\n<start_of_turn>model\n"
-
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def vision_layers(self) -> list[nn.Module]:
-        tower = self.vision_tower()
-        return list(getattr(tower, "vision_model", tower).encoder.layers)
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
 
     def image_grids(self, inputs) -> list[tuple[int, int, int, int]] | None:
         """One square grid of ``mm_tokens_per_image`` tokens per image (pan-and-scan crops are images too)."""

@@ -62,14 +62,8 @@ class InternVLAdapter(VisionLanguageAdapter):
             return f"<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n"
         return f"{images}{question}"
 
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
     def vision_layers(self) -> list[nn.Module]:
         return list(self.vision_tower().encoder.layer)
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
 
     @property
     def tile_side(self) -> int:

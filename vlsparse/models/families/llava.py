@@ -23,7 +23,6 @@ import math
 from pathlib import Path
 from typing import ClassVar
 
-from torch import nn
 
 from vlsparse.models.families.base import ImageSpan, VisionLanguageAdapter, image_only_processor
 
@@ -87,17 +86,6 @@ class LlavaAdapter(VisionLanguageAdapter):
     def plain_prompt(cls, processor, question: str, n_images: int) -> str:
         token = getattr(processor, "image_token", "<image>")
         return "USER: " + "".join(f"{token}\n" for _ in range(n_images)) + f"{question} ASSISTANT:"
-
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def vision_layers(self) -> list[nn.Module]:
-        tower = self.vision_tower()
-        inner = getattr(tower, "vision_model", tower)
-        return list(inner.encoder.layers)
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
 
     def image_spans(self, inputs, batch_index: int = 0) -> list[ImageSpan]:
         """Plain LLaVA: see ``VisionLanguageAdapter``; NeXT/OneVision: a base and an any-res span per image."""

@@ -45,9 +45,6 @@ class MllamaAdapter(VisionLanguageAdapter):
         tower = self.vision_tower()
         return list(tower.transformer.layers) + list(tower.global_transformer.layers)
 
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
-
     @staticmethod
     def attention(layer: nn.Module) -> nn.Module:
         """The self-attention of a self-attention layer, the cross-attention of a cross-attention layer."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from torch import nn
 
 from vlsparse.models.families.base import VisionLanguageAdapter, square_image_grids
 
@@ -41,16 +40,6 @@ class PaliGemmaAdapter(VisionLanguageAdapter):
         inputs = super().prepare_inputs(processor, images, question)
         inputs.pop("labels", None)
         return inputs
-
-    def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
-
-    def vision_layers(self) -> list[nn.Module]:
-        tower = self.vision_tower()
-        return list(getattr(tower, "vision_model", tower).encoder.layers)
-
-    def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
 
     def image_grids(self, inputs) -> list[tuple[int, int, int, int]] | None:
         """The tower's square patch grid per image (``image_size / patch_size`` a side)."""
