@@ -23,7 +23,6 @@ import math
 from pathlib import Path
 from typing import ClassVar
 
-
 from vlsparse.models.families.base import ImageSpan, VisionLanguageAdapter, image_only_processor
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-
 from vlsparse.models.families.base import VisionLanguageAdapter, square_image_grids
 
 
