@@ -97,6 +97,10 @@ def prune(
     ecoflap_samples: Annotated[int, typer.Option(
         "--ecoflap-samples", help="Calibration samples for ECoFLaP's scores (each costs 2 x blocks x draws "
                                   "forwards).")] = 8,
+    ecoflap_scores: Annotated[str, typer.Option(
+        "--ecoflap-scores", help="zeroth-order (the paper's estimate, 2 x blocks forwards a sample) or gradient "
+                                 "(the quantity it estimates, computed block by block: about 4 forwards a "
+                                 "sample).")] = "zeroth-order",
     epsilon: Annotated[float, typer.Option("--epsilon", help="ECoFLaP perturbation size (fp32).")] = 1e-3,
     draws: Annotated[int, typer.Option("--draws", help="ECoFLaP noise draws per block.")] = 1,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder [default: ./MODEL-ALLOC-PCT].",
@@ -118,7 +122,8 @@ def prune(
         raise InputError(f"two models given ({model_arg} and --model {model})", "give the model once")
     config = PruneConfig(ratio=ratio, method=method, allocation=allocation, structure=structure, scope=scope,
                          max_deviation=max_deviation, calib=calib, samples=samples, seq_len=seq_len, seed=seed,
-                         epsilon=epsilon, draws=draws, ecoflap_samples=ecoflap_samples, pack=pack, force=force,
+                         epsilon=epsilon, draws=draws, ecoflap_samples=ecoflap_samples,
+                         ecoflap_scores=ecoflap_scores, pack=pack, force=force,
                          profile=profile)
     config.validate()  # before anything is printed: a bad flag is one line on stderr
     err = Console(stderr=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from vlsparse.compress.allocations import DEFAULT, STRUCTURED, allocation_named
+from vlsparse.compress.allocations.ecoflap import SCORERS
 from vlsparse.compress.allocations.fill import split_count
 from vlsparse.compress.calibration import TEXT_BATCH, build_calibration
 from vlsparse.compress.checkpoint import (PROFILE_NAME, CheckpointReader, check_output, copy_side_files, dir_size,
@@ -66,6 +67,7 @@ class PruneConfig:
     epsilon: float = 1e-3
     draws: int = 1
     ecoflap_samples: int = 8
+    ecoflap_scores: str = "zeroth-order"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     pack: bool = False
@@ -101,6 +103,8 @@ class PruneConfig:
         for name in ("samples", "seq_len", "draws", "ecoflap_samples"):
             if getattr(self, name) < 1:
                 raise InputError(f"{param(name)} must be at least 1, got {getattr(self, name)}")
+        if self.ecoflap_scores not in SCORERS:
+            raise InputError(f"unknown {param('ecoflap_scores', self.ecoflap_scores)}", f"use {' or '.join(SCORERS)}")
         if not (math.isfinite(self.epsilon) and 0 < self.epsilon <= 1):
             raise InputError(f"{param('epsilon')} must be a finite number in (0, 1], got {self.epsilon}",
                              f"e.g. {param('epsilon', '1e-3')} (the ECoFLaP default)")

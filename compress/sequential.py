@@ -267,9 +267,9 @@ class StreamedModel:
             for handle in handles:
                 handle.remove()
 
-    def forward(self, inputs: dict, skip: tuple[Block, ...] = ()):
-        """The model's own forward on one calibration batch, streaming the blocks."""
-        with torch.no_grad(), self.streaming(skip):
+    def forward(self, inputs: dict, skip: tuple[Block, ...] = (), grad: bool = False):
+        """The model's own forward on one calibration batch, streaming the blocks (``grad``: keep the graph)."""
+        with torch.set_grad_enabled(grad), self.streaming(skip):
             try:
                 return self.model(**inputs, use_cache=False)
             finally:  # an exception mid-forward (or a hook stopping it) may leave a block resident

@@ -72,3 +72,56 @@ def test_replaying_the_unperturbed_prefix_gives_the_same_scores_as_full_forwards
     g = len(blocks)
     # per batch: one unperturbed forward of every block, then for block k two draws x two signs of blocks k..end
     assert len(runs) == 2 * (g + 4 * sum(g - k for k in range(g)))
+
+
+@pytest.mark.parametrize("fixture,family", [("llama_dir", "causal_lm"), ("llava_dir", "llava"),
+                                            ("qwen3_vl_dir", "qwen3_vl")])
+def test_gradient_scores_equal_full_model_autograd(fixture, family, request):
+    """Block-by-block gradients (one block resident) equal autograd through the whole model, glue included
+    (LLaVA reads its second-last vision layer, Qwen3-VL adds DeepStack features from vision layers)."""
+    import math
+
+    from transformers import AutoModelForImageTextToText, LlamaForCausalLM
+
+    from vlsparse.compress.allocations.ecoflap import gradient_scores
+    from vlsparse.compress.calibration import build_calibration
+
+    folder = request.getfixturevalue(fixture)
+    skeleton = build_skeleton(folder, family)
+    adapter = Adapter(skeleton, family)
+    blocks = find_blocks(skeleton, adapter)
+    streamed = StreamedModel(skeleton, CheckpointReader(folder), blocks)
+    streamed.load_stem()
+    calib = build_calibration(adapter, load_processor(folder, family), None, 2, 16, 0)
+    batches = take_samples(calib.batches, 2)
+    scores = gradient_scores(streamed, batches)
+
+    auto = LlamaForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
+    model = auto.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = [0.0] * len(blocks)
+    for batch in batches:
+        model.zero_grad()
+        model(**batch, use_cache=False).loss.backward()
+        for g, block in enumerate(blocks):
+            norm = math.sqrt(sum(float(model.get_parameter(n).grad.double().square().sum())
+                                 for n in block.weight_names()))
+            expected[g] += math.sqrt(2 / math.pi) * norm / len(batches)
+    assert scores.raw == pytest.approx(expected, rel=1e-4) and min(expected) > 0
+
+
+def test_prune_with_gradient_scores_records_them_and_a_bad_name_is_one_line(llama_dir, tmp_path, capsys):
+    from vlsparse.cli.main import main
+    from vlsparse.compress.api import PruneConfig, prune_model
+    from vlsparse.profile import load_profile
+    from vlsparse.recipe import recipe_from_profile
+
+    config = PruneConfig(ratio=0.5, allocation="ecoflap", ecoflap_scores="gradient", samples=2, ecoflap_samples=2,
+                         seq_len=16)
+    result = prune_model(str(llama_dir), tmp_path / "out", config)
+    assert result.achieved == 0.5
+    profile = load_profile(result.out / "vlsparse.yaml")
+    assert profile.pruning["ecoflap"] == {"scores": "gradient", "samples": 2}
+    assert recipe_from_profile(profile)["steps"][0]["prune"]["ecoflap_scores"] == "gradient"
+    assert main(["prune", str(llama_dir), "--ecoflap-scores", "first-order", "--quiet"]) == 1
+    assert [line for line in capsys.readouterr().err.splitlines() if line.strip()] == [
+        "Error: unknown --ecoflap-scores first-order — use zeroth-order or gradient"]

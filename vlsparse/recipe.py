@@ -50,7 +50,7 @@ PROFILE_OPTIONS: dict[str, Any] = {"calib": None, "samples": 4, "seq_len": 4096,
 PRUNE_OPTIONS: dict[str, Any] = {"ratio": 0.5, "method": "wanda", "allocation": None, "structure": "unstructured",
                                  "scope": "global", "max_deviation": 0.1, "calib": None, "samples": 32,
                                  "seq_len": 256, "seed": 0, "pack": False, "ecoflap_samples": 8, "epsilon": 1e-3,
-                                 "draws": 1, "owl_m": 5.0, "owl_lambda": 0.08}
+                                 "draws": 1, "ecoflap_scores": "zeroth-order", "owl_m": 5.0, "owl_lambda": 0.08}
 CORE_OPTIONS: dict[str, Any] = {"calib": None, "samples": 16, "seq_len": 4096, "seed": 0, "alpha": 0.2, "beta": 0.4,
                                 "max_error": 0.5, "neuron_layers": None, "token_layers": None, "score": "text",
                                 "min_keep": 0.1, "max_keep": [0.25, 0.5], "kl_budget": 0.1, "min_top1": 1.0,
@@ -66,7 +66,7 @@ _FRACTIONS = {"recall": (0, 1, False), "alpha": (0, 1, False), "beta": (0, 1, Fa
               "min_top1": (0, 1, True), "tail_recall": (0, 1, True)}
 _LEAST = {"samples": 1, "seq_len": 2, "ecoflap_samples": 1, "draws": 1, "decode_tokens": 1, "guard_tokens": 0}
 _BOOLS = {"dense_tail", "pack"}
-_TEXTS = {"method", "structure", "scope", "score", "tokens"}
+_TEXTS = {"method", "structure", "scope", "score", "tokens", "ecoflap_scores"}
 
 Progress = Callable[[str], None]
 
@@ -128,6 +128,8 @@ def recipe_from_profile(profile) -> dict[str, Any]:
         if isinstance(p.get("ecoflap"), dict):
             e = p["ecoflap"]
             step.update(ecoflap_samples=e.get("samples", 8), epsilon=e.get("epsilon", 1e-3), draws=e.get("draws", 1))
+            if e.get("scores", "zeroth-order") != "zeroth-order":
+                step["ecoflap_scores"] = e["scores"]
         if isinstance(p.get("owl"), dict):
             step.update(owl_m=p["owl"].get("m", 5.0), owl_lambda=p["owl"].get("lam", 0.08))
         steps.append({"prune": step})

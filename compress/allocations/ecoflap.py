@@ -150,6 +150,122 @@ def replayed(blocks: Sequence, outputs: list | None) -> Iterator[None]:
             del block.module.forward
 
 
+SCORERS = ("zeroth-order", "gradient")
+"""``--ecoflap-scores``: the paper's zeroth-order estimate, or the exact quantity it estimates."""
+
+
+def gradient_scores(streamed: StreamedModel, batches: list[dict], progress: Progress = lambda _: None) -> GroupScores:
+    """ECoFLaP scores from the gradient itself: the expectation the zeroth-order estimate converges to.
+
+    For ``z ~ N(0, I)``, ``|L(theta + eps z) - L(theta - eps z)| / (2 eps)`` tends to ``|z . g|``
+    (``g`` the loss gradient over the group's prunable weights), whose mean is
+    ``sqrt(2 / pi) * ||g||``. That is computed here exactly, per batch, with no noise. The
+    gradient is taken block by block from the end, so only one block is resident:
+
+    1. one streamed forward records every block's output;
+    2. the model's own forward runs again with every block replaced by its recorded output,
+       made a leaf that requires grad; each replacement also keeps the (differentiable) tensors
+       it was called with. ``loss.backward()`` gives each output's direct gradient (through the
+       LM head, or whatever glue reads it: LLaVA's feature layer, DeepStack, cross-attention);
+    3. from the last block to the first: read the block, run it on detached copies of its
+       recorded inputs with its weights requiring grad, backpropagate its output's gradient
+       (complete by then: later blocks were done first), keep ``||g||`` of its prunable weights,
+       and push the gradients of its inputs back through the glue to the earlier outputs.
+
+    Cost per batch: two forwards plus one forward and backward of every block, against
+    ``2 * groups`` forwards (less the replayed prefixes) for the zeroth-order estimate.
+    """
+    blocks = streamed.blocks
+    norms = [0.0] * len(blocks)
+    for b, batch in enumerate(batches):
+        progress(f"({b + 1}/{len(batches)}) ECoFLaP gradient scores on calibration sample {b + 1}")
+        outputs = block_outputs(streamed, batch)
+        if outputs is None:
+            raise InputError("ECoFLaP gradient scores need every block to run once per forward",
+                             "use the zeroth-order scores (the default) for this model")
+        leaves = [_leaf(o) for o in outputs]
+        calls: list[tuple] = [()] * len(blocks)
+        for i, block in enumerate(blocks):
+            block.module.forward = lambda *args, i=i, **kwargs: _record_call(calls, i, args, kwargs, leaves[i])
+        try:
+            with torch.enable_grad():
+                loss = streamed.forward(batch, skip=tuple(blocks), grad=True).loss
+                if loss is None:
+                    raise InputError("the calibration batch gave no loss (no labels)",
+                                     "calibration data needs text tokens")
+                loss.backward(retain_graph=True)
+        finally:
+            for block in blocks:
+                del block.module.forward
+        for k in reversed(range(len(blocks))):
+            norms[k] += _block_backward(streamed, blocks[k], calls[k], leaves[k]) / len(batches)
+    raw = [math.sqrt(2 / math.pi) * n for n in norms]
+    return GroupScores([b.name for b in blocks], raw, [r / max(1, b.size()) for r, b in zip(raw, blocks)])
+
+
+def _leaf(output):
+    """A block's recorded output as leaves that require grad (tensors inside tuples too)."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone().requires_grad_(output.is_floating_point())
+    if isinstance(output, (tuple, list)):
+        return type(output)(_leaf(o) for o in output)
+    return output
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _record_call(calls: list, i: int, args: tuple, kwargs: dict, leaf):
+    calls[i] = (args, kwargs)
+    return leaf
+
+
+def _block_backward(streamed: StreamedModel, block, call: tuple, leaf) -> float:
+    """``||dL/dW||`` over ``block``'s prunable weights, given its output leaf's accumulated gradient; pushes the
+    gradient of its inputs back to the outputs (leaves) they were computed from."""
+    outs = [t for t in _tensors(leaf) if t.grad is not None]
+    if not outs:  # nothing downstream read this block's output
+        return 0.0
+    args, kwargs = call
+    originals = [t for t in _tensors((args, kwargs)) if t.requires_grad]
+    copies = {id(t): t.detach().requires_grad_() for t in originals}
+
+    def swap(value):
+        if isinstance(value, torch.Tensor):
+            return copies.get(id(value), value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(swap(v) for v in value)
+        if isinstance(value, dict):
+            return {k: swap(v) for k, v in value.items()}
+        return value
+
+    streamed.materialise(block)
+    try:
+        weights = [block.module.get_parameter(n[len(block.prefix) + 1:]) for n in block.weight_names()]
+        for w in weights:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            out = block.module(*swap(args), **swap(kwargs))
+            pairs = [(o, t.grad) for o, t in zip(_tensors(out), _tensors(leaf)) if t.grad is not None]
+            inputs = [copies[id(t)] for t in originals]
+            grads = torch.autograd.grad([o for o, _ in pairs], weights + inputs, [g for _, g in pairs],
+                                        allow_unused=True)
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads[:len(weights)] if g is not None))
+        back = [(t, g) for t, g in zip(originals, grads[len(weights):]) if g is not None]
+        if back:
+            torch.autograd.backward([t for t, _ in back], [g for _, g in back], retain_graph=True)
+        return norm
+    finally:
+        streamed.release(block)
+
+
 def water_fill(sizes: Sequence[int], scores: Sequence[float], ratio: float, max_deviation: float = 0.1) -> list[int]:
     """ECoFLaP water-filling: keep counts from per-parameter group ``scores`` (higher = keep more)."""
     if len(sizes) != len(scores):
@@ -165,10 +281,13 @@ def water_fill(sizes: Sequence[int], scores: Sequence[float], ratio: float, max_
 def scores(streamed: StreamedModel, batches: list[dict], config, progress: Progress) -> tuple[list[float], dict]:
     """Per-weight zeroth-order scores on the first ``config.ecoflap_samples`` calibration samples."""
     scoring = take_samples(batches, config.ecoflap_samples)
+    samples = sum(b["input_ids"].shape[0] for b in scoring)
+    if config.ecoflap_scores == "gradient":
+        result = gradient_scores(streamed, scoring, progress)
+        return result.per_weight, {"ecoflap": {"scores": "gradient", "samples": samples}}
     result = zeroth_order_scores(streamed, scoring, config.epsilon, config.draws, config.seed, progress)
     return result.per_weight, {"ecoflap": {"epsilon": config.epsilon, "draws": config.draws,
-                                           "samples": sum(b["input_ids"].shape[0] for b in scoring),
-                                           "seed": config.seed}}
+                                           "samples": samples, "seed": config.seed}}
 
 
 def keep_counts(sizes: Sequence[int], scores: Sequence[float], config) -> list[int]:
