@@ -29,6 +29,7 @@ Examples:
   vlsparse run --model ./SmolLM2-135M-Instruct "What is the capital of France?"
 
   vlsparse run --no-tokens examples/scene.png "What color is the circle?"   # keep every image token
+  vlsparse run --model ./big-vlm --max-memory-mb 4000 photo.jpg "Describe it."   # weights beyond 4000 MiB on disk
 
 A profile's `tokens` section (`vlsparse calibrate --tokens METHOD`) drops image tokens
 with that method; it replaces the `core` section's core tokens when both are present.
@@ -78,6 +79,13 @@ def run(
     tokens: Annotated[Optional[bool], typer.Option(
         "--tokens/--no-tokens", help="Visual-token reduction from the profile's `tokens` section "
                                      "[default: on when the profile has one].", show_default=False)] = None,
+    max_memory_mb: Annotated[Optional[float], typer.Option(
+        "--max-memory-mb", help="For a model larger than memory: keep at most this many MiB of weights resident; "
+                                "accelerate offloads the rest to disk and reads it back layer by layer (slow).",
+        show_default=False)] = None,
+    offload_folder: Annotated[Optional[Path], typer.Option(
+        "--offload-folder", help="Where offloaded weights go [default: a temporary folder, removed at exit].",
+        show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
@@ -85,6 +93,9 @@ def run(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
+    import tempfile
+    from contextlib import ExitStack
+
     from vlsparse.errors import InputError
     from vlsparse.generate import generate_answer
     from vlsparse.images import load_image
@@ -99,13 +110,24 @@ def run(
     images = [load_image(Path(p)) for p in image_paths]
     err = Console(stderr=True, quiet=quiet or json_out)
     model_name = model or default_model(err)
-    with quiet_transformers():
+    with quiet_transformers(), ExitStack() as cleanup:
+        if max_memory_mb is not None and offload_folder is None:
+            offload_folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="vlsparse-offload-")))
         loaded = load(model_name, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, max_memory_mb=max_memory_mb, offload_folder=offload_folder)
+        if loaded.offload is not None:
+            err.print(f"offloaded: {loaded.offload['disk']} of {loaded.offload['disk'] + loaded.offload['resident']} "
+                      f"modules on disk in {loaded.offload['folder']} (accelerate), at most {max_memory_mb:g} MiB of "
+                      "weights resident", markup=False, highlight=False)
         batch = loaded.prepare(images, question)
         profile_path, profile_obj = (None, None) if dense_only else find_profile(loaded, profile, err)
         if core and (profile_obj is None or profile_obj.core is None):
             raise InputError("--core needs a profile with a `core` section", "run `vlsparse calibrate` first")
+        if loaded.offload is not None and profile_obj is not None and profile_obj.core is not None:
+            if core:
+                raise InputError("core neurons slice resident MLP weights, which --max-memory-mb offloads",
+                                 "drop --core, or drop --max-memory-mb")
+            core = False  # the default: on only where the weights are resident
         if tokens and (profile_obj is None or profile_obj.tokens is None):
             raise InputError("--tokens needs a profile with a `tokens` section",
                              "run `vlsparse calibrate --tokens METHOD` first")
@@ -120,7 +142,7 @@ def run(
     token_stats = token_runtime.stats() if token_runtime is not None else {}
     if json_out:
         extra = {"attention": attention, "profile": str(profile_path) if profile_path else None, "core": core_stats,
-                 "tokens": token_stats}
+                 "tokens": token_stats, "offload": loaded.offload}
         if dense is not None:
             extra.update(dense_prefill_ms=dense.prefill_ms, prefill_speedup=dense.prefill_ms / answer.prefill_ms,
                          dense_decode_tokens_per_s=dense.decode_tokens_per_s, dense_text=dense.text)

@@ -33,6 +33,8 @@ class LoadedModel:
     path: Path
     device: torch.device
     dtype: torch.dtype
+    offload: dict | None = None
+    """With ``max_memory_mb``: where accelerate put the modules (``{"resident": n, "disk": n, "folder": ...}``)."""
 
     def prepare(self, images: list, question: str):
         """Processed inputs on the model's device."""
@@ -108,12 +110,17 @@ def check_missing_weights(folder: Path, info: dict) -> None:
 
 
 def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", allow_pickle: bool = False,
-         trust_remote_code: bool = False, attn_implementation: str | None = None) -> LoadedModel:
+         trust_remote_code: bool = False, attn_implementation: str | None = None,
+         max_memory_mb: float | None = None, offload_folder: str | Path | None = None) -> LoadedModel:
     """Load a supported model for inference; every user error is a one-line ``VlsparseError``.
 
     Checked before anything is built: config.json (types, sub-configs), every safetensors
     header, and that the weights fit in memory; right after loading: that the checkpoint
     held every weight the model needs.
+
+    ``max_memory_mb``: a model larger than memory. accelerate's ``device_map="auto"`` keeps at
+    most that many MiB of weights resident and puts the rest in ``offload_folder`` (needed
+    then), reading each offloaded module from disk while it runs. The memory check is skipped.
     """
     folder = resolve_model_folder(model)
     config = check_model_folder(folder, allow_pickle=allow_pickle)
@@ -122,10 +129,13 @@ def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", a
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     name = model_name(model, folder)
-    check_weights_fit(folder, name, resolved_config(folder, trust_remote_code), tensors, torch_dtype)
+    if max_memory_mb is None:
+        check_weights_fit(folder, name, resolved_config(folder, trust_remote_code), tensors, torch_dtype)
     processor = family.load_processor(folder, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
                               "use_safetensors": not allow_pickle or None}
+    if max_memory_mb is not None:
+        kwargs.update(offload_arguments(folder, torch_device, max_memory_mb, offload_folder))
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -139,6 +149,35 @@ def load(model: str | Path = "demo", device: str = "cpu", dtype: str = "auto", a
         raise ModelLoadError(f"cannot load the weights in {folder}: {str(exc).splitlines()[0][:200]}",
                              "check that the folder was saved completely with save_pretrained") from exc
     check_missing_weights(folder, info)
-    net = net.to(torch_device).eval()
-    return LoadedModel(model=net, processor=processor, adapter=family(net, name=name), name=name,
-                       path=folder, device=torch_device, dtype=torch_dtype)
+    offload = None
+    if max_memory_mb is None:
+        net = net.to(torch_device)
+    else:
+        placed = list(getattr(net, "hf_device_map", {}).values())
+        offload = {"max_memory_mb": max_memory_mb, "folder": str(offload_folder),
+                   "resident": sum(1 for p in placed if p != "disk"), "disk": placed.count("disk")}
+    return LoadedModel(model=net.eval(), processor=processor, adapter=family(net, name=name), name=name,
+                       path=folder, device=torch_device, dtype=torch_dtype, offload=offload)
+
+
+def offload_arguments(folder: Path, device: torch.device, max_memory_mb: float,
+                      offload_folder: str | Path | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that keep at most ``max_memory_mb`` MiB of weights resident (accelerate)."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise InputError(f"{param('max_memory_mb')} offloads weights with accelerate, which is not installed",
+                         "pip install 'vlsparse[offload]'")
+    if not max_memory_mb > 0:
+        raise InputError(f"{param('max_memory_mb')} must be above 0, got {max_memory_mb}")
+    if offload_folder is None:
+        raise InputError(f"{param('max_memory_mb')} needs a folder for the offloaded weights",
+                         f"pass {param('offload_folder', 'DIR')}")
+    if device.type != "cpu":
+        raise InputError(f"{param('max_memory_mb')} offloads from the CPU only",
+                         f"drop {param('max_memory_mb')}, or use {param('device', 'cpu')}")
+    if is_packed(folder):
+        raise InputError(f"{folder} is a packed checkpoint, which cannot be offloaded",
+                         f"prune again without {param('pack')} to run it with {param('max_memory_mb')}")
+    return {"device_map": "auto", "max_memory": {"cpu": int(max_memory_mb * 2**20)},
+            "offload_folder": str(offload_folder)}
