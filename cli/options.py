@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,8 +37,30 @@ TrustRemoteCodeOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print results as JSON on stdout; no progress output.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")]
+MaxMemoryOpt = Annotated[Optional[float], typer.Option(
+    "--max-memory-mb", show_default=False,
+    help="For a model larger than memory: keep at most this many MiB of weights resident; accelerate offloads "
+         "the rest to disk and reads it back layer by layer (slow; needs vlsparse[offload]).")]
+OffloadFolderOpt = Annotated[Optional[Path], typer.Option(
+    "--offload-folder", show_default=False,
+    help="Where offloaded weights go [default: a temporary folder, removed at exit].")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs that exist, if vlsparse wrote them "
                                                         "(never another file or folder, never an input).")]
+
+
+def offload_folder_for(cleanup: ExitStack, max_memory_mb: float | None, offload_folder: Path | None) -> Path | None:
+    """``--offload-folder``, or with ``--max-memory-mb`` alone a temporary folder that ``cleanup`` removes."""
+    if max_memory_mb is not None and offload_folder is None:
+        return Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="vlsparse-offload-")))
+    return offload_folder
+
+
+def say_offload(loaded, say) -> None:
+    """One line on where the weights of an offloaded model are (nothing when the model is resident)."""
+    if loaded.offload is not None and say is not None:
+        o = loaded.offload
+        say(f"offloaded: {o['disk']} of {o['disk'] + o['resident']} modules on disk in {o['folder']} (accelerate), "
+            f"at most {o['max_memory_mb']:g} MiB of weights resident")
 
 
 def existing_paths(*candidates) -> list[Path]:

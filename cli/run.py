@@ -13,7 +13,8 @@ from rich.table import Table
 
 from vlsparse.cli.quiet import quiet_transformers
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, TrustRemoteCodeOpt
+from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, ModelOpt,
+                                  OffloadFolderOpt, QuietOpt, TrustRemoteCodeOpt, offload_folder_for, say_offload)
 
 HELP = """Answer a QUESTION about one or more images with the model's own prompt format.
 
@@ -79,13 +80,8 @@ def run(
     tokens: Annotated[Optional[bool], typer.Option(
         "--tokens/--no-tokens", help="Visual-token reduction from the profile's `tokens` section "
                                      "[default: on when the profile has one].", show_default=False)] = None,
-    max_memory_mb: Annotated[Optional[float], typer.Option(
-        "--max-memory-mb", help="For a model larger than memory: keep at most this many MiB of weights resident; "
-                                "accelerate offloads the rest to disk and reads it back layer by layer (slow).",
-        show_default=False)] = None,
-    offload_folder: Annotated[Optional[Path], typer.Option(
-        "--offload-folder", help="Where offloaded weights go [default: a temporary folder, removed at exit].",
-        show_default=False)] = None,
+    max_memory_mb: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
@@ -93,7 +89,6 @@ def run(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    import tempfile
     from contextlib import ExitStack
 
     from vlsparse.errors import InputError
@@ -111,14 +106,10 @@ def run(
     err = Console(stderr=True, quiet=quiet or json_out)
     model_name = model or default_model(err)
     with quiet_transformers(), ExitStack() as cleanup:
-        if max_memory_mb is not None and offload_folder is None:
-            offload_folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="vlsparse-offload-")))
         loaded = load(model_name, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code, max_memory_mb=max_memory_mb, offload_folder=offload_folder)
-        if loaded.offload is not None:
-            err.print(f"offloaded: {loaded.offload['disk']} of {loaded.offload['disk'] + loaded.offload['resident']} "
-                      f"modules on disk in {loaded.offload['folder']} (accelerate), at most {max_memory_mb:g} MiB of "
-                      "weights resident", markup=False, highlight=False)
+                      trust_remote_code=trust_remote_code, max_memory_mb=max_memory_mb,
+                      offload_folder=offload_folder_for(cleanup, max_memory_mb, offload_folder))
+        say_offload(loaded, lambda m: err.print(m, markup=False, highlight=False))
         batch = loaded.prepare(images, question)
         profile_path, profile_obj = (None, None) if dense_only else find_profile(loaded, profile, err)
         if core and (profile_obj is None or profile_obj.core is None):
