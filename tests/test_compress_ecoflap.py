@@ -45,19 +45,24 @@ def test_zeroth_order_score_matches_autograd_directional_derivative(llama_dir):
         assert abs(scores.per_weight[g] - scores.raw[g] / block.size()) < 1e-12
 
 
-@pytest.mark.parametrize("fixture,family", [("llama_dir", "causal_lm"), ("llava_dir", "llava"),
-                                            ("qwen3_vl_dir", "qwen3_vl")])
-def test_replaying_the_unperturbed_prefix_gives_the_same_scores_as_full_forwards(fixture, family, request):
+def streamed_with_samples(folder, family: str, samples: int):
+    """(streamed model with its stem, its blocks, ``samples`` one-sample calibration batches) of a tiny model."""
     from vlsparse.compress.calibration import build_calibration
 
-    folder = request.getfixturevalue(fixture)
     skeleton = build_skeleton(folder, family)
     adapter = Adapter(skeleton, family)
     blocks = find_blocks(skeleton, adapter)
     streamed = StreamedModel(skeleton, CheckpointReader(folder), blocks)
     streamed.load_stem()
-    calib = build_calibration(adapter, load_processor(folder, family), None, 2, 16, 0)
-    batches = take_samples(calib.batches, 2)
+    calib = build_calibration(adapter, load_processor(folder, family), None, samples, 16, 0)
+    return streamed, blocks, take_samples(calib.batches, samples)
+
+
+@pytest.mark.parametrize("fixture,family", [("llama_dir", "causal_lm"), ("llava_dir", "llava"),
+                                            ("qwen3_vl_dir", "qwen3_vl")])
+def test_replaying_the_unperturbed_prefix_gives_the_same_scores_as_full_forwards(fixture, family, request):
+    folder = request.getfixturevalue(fixture)
+    streamed, blocks, batches = streamed_with_samples(folder, family, 2)
     full = zeroth_order_scores(streamed, batches, draws=2, seed=3, reuse_prefix=False)
     runs = []  # blocks read and run in the replaying run (replayed ones are neither)
     materialise = streamed.materialise
@@ -84,16 +89,8 @@ def test_gradient_scores_equal_full_model_autograd(fixture, family, request):
     from transformers import AutoModelForImageTextToText, LlamaForCausalLM
 
     from vlsparse.compress.allocations.ecoflap import gradient_scores
-    from vlsparse.compress.calibration import build_calibration
-
     folder = request.getfixturevalue(fixture)
-    skeleton = build_skeleton(folder, family)
-    adapter = Adapter(skeleton, family)
-    blocks = find_blocks(skeleton, adapter)
-    streamed = StreamedModel(skeleton, CheckpointReader(folder), blocks)
-    streamed.load_stem()
-    calib = build_calibration(adapter, load_processor(folder, family), None, 2, 16, 0)
-    batches = take_samples(calib.batches, 2)
+    streamed, blocks, batches = streamed_with_samples(folder, family, 2)
     scores = gradient_scores(streamed, batches)
 
     auto = LlamaForCausalLM if family == "causal_lm" else AutoModelForImageTextToText
