@@ -95,6 +95,7 @@ def run(
     from vlsparse.generate import generate_answer
     from vlsparse.images import load_image
     from vlsparse.models import load
+    from vlsparse.models.processors import unknown_words
 
     *image_paths, question = inputs
     if not question.strip():
@@ -109,8 +110,12 @@ def run(
         loaded = load(model_name, device=device, dtype=dtype, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, max_memory_mb=max_memory_mb,
                       offload_folder=offload_folder_for(cleanup, max_memory_mb, offload_folder))
-        say_offload(loaded, lambda m: err.print(m, markup=False, highlight=False))
+        say_offload(loaded, lambda m: err.print(m, markup=False, highlight=False, soft_wrap=True))
         batch = loaded.prepare(images, question)
+        unknown = unknown_words(loaded.processor, question)
+        if unknown:
+            err.print(f"Note: the tokenizer does not know {', '.join(repr(w) for w in unknown)}: the model reads "
+                      "an unknown token there, so the answer may ignore it", markup=False, highlight=False, soft_wrap=True)
         profile_path, profile_obj = (None, None) if dense_only else find_profile(loaded, profile, err)
         if core and (profile_obj is None or profile_obj.core is None):
             raise InputError("--core needs a profile with a `core` section", "run `vlsparse calibrate` first")
@@ -133,7 +138,7 @@ def run(
     token_stats = token_runtime.stats() if token_runtime is not None else {}
     if json_out:
         extra = {"attention": attention, "profile": str(profile_path) if profile_path else None, "core": core_stats,
-                 "tokens": token_stats, "offload": loaded.offload}
+                 "tokens": token_stats, "offload": loaded.offload, "unknown_words": unknown}
         if dense is not None:
             extra.update(dense_prefill_ms=dense.prefill_ms, prefill_speedup=dense.prefill_ms / answer.prefill_ms,
                          dense_decode_tokens_per_s=dense.decode_tokens_per_s, dense_text=dense.text)

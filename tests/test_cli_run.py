@@ -130,3 +130,19 @@ def test_every_command_has_help_with_examples():
     for command in ["run"]:
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Examples" in result.stdout
+
+
+def test_a_question_word_the_tokenizer_does_not_know_is_one_line_on_stderr(image_file):
+    from vlsparse.models import load
+    from vlsparse.models.processors import unknown_words
+
+    demo = load("demo")
+    assert unknown_words(demo.processor, "What shape is the red object?") == ["object"]
+    assert unknown_words(demo.processor, "What shape is the red circle?") == []
+    result = invoke("run", "--model", "demo", "--max-new-tokens", 2, image_file, "What shape is the red object?")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "does not know" in line]
+    assert notes == ["Note: the tokenizer does not know 'object': the model reads an unknown token there, so the "
+                     "answer may ignore it"]
+    plain = invoke("run", "--model", "demo", "--max-new-tokens", 2, image_file, "What shape is the red circle?")
+    assert "does not know" not in plain.stderr

@@ -24,3 +24,23 @@ def format_prompt(processor, family: str, question: str, n_images: int) -> str:
 def prepare_inputs(processor, family: str, images: list, question: str):
     """Model inputs (a ``BatchFeature`` of tensors) for images + question."""
     return family_named(family).prepare_inputs(processor, images, question)
+
+
+def unknown_words(processor, text: str) -> list[str]:
+    """The words of ``text`` the tokenizer cannot spell: they become its unknown token, or nothing at all.
+
+    A closed-vocabulary tokenizer (the demo model's) turns "object" into ``<unk>`` without a word;
+    byte-level tokenizers spell every word and give [].
+    """
+    import re
+
+    from vlsparse.models.families.base import tokenizer_of
+
+    tokenizer = tokenizer_of(processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    found: list[str] = []
+    for word in re.findall(r"\w+", text):
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if (not ids or (unk is not None and unk in ids)) and word not in found:
+            found.append(word)
+    return found
