@@ -41,6 +41,8 @@ Examples:
 
   vlsparse prune --method sparsegpt --structure 2:4 --allocation uniform
 
+  vlsparse prune smollm2 --ecoflap-scores gradient   # exact ECoFLaP scores, ~10x faster scoring
+
   vlsparse prune --calib mydata.jsonl --samples 64 --pack --force
 """
 
