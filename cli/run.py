@@ -74,6 +74,9 @@ def run(
     dense_only: Annotated[bool, typer.Option("--dense", help="Ignore any profile: dense attention.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense; report prefill speedup.")] = False,
     backend: Annotated[str, typer.Option("--backend", help="Sparse kernels: auto, triton or torch.")] = "auto",
+    recall_guard: Annotated[bool, typer.Option(
+        "--recall-guard", help="Measure each head's recall on the prompt's last block; heads under the profile's "
+                               "target run dense for this prompt.")] = False,
     core: Annotated[Optional[bool], typer.Option(
         "--core/--no-core", help="Core neurons and core tokens from the profile's `core` section "
                                  "[default: on when the profile has one].", show_default=False)] = None,
@@ -129,7 +132,7 @@ def run(
                              "run `vlsparse calibrate --tokens METHOD` first")
         use_tokens = tokens is not False and profile_obj is not None and profile_obj.tokens is not None
         dense = generate_answer(loaded, batch, max_new_tokens) if compare and profile_obj else None
-        runtime = attach_attention(loaded, profile_obj, backend)
+        runtime = attach_attention(loaded, profile_obj, backend, guard=recall_guard)
         core_runtime = attach_core(loaded, profile_obj, runtime, tokens=not use_tokens) if core is not False else None
         token_runtime = attach_tokens(loaded, profile_obj, runtime) if use_tokens else None
         answer = generate_answer(loaded, batch, max_new_tokens=max_new_tokens)
@@ -137,7 +140,10 @@ def run(
     core_stats = core_runtime.stats() if core_runtime is not None else {}
     token_stats = token_runtime.stats() if token_runtime is not None else {}
     if json_out:
-        extra = {"attention": attention, "profile": str(profile_path) if profile_path else None, "core": core_stats,
+        fell = runtime.fallbacks() if runtime is not None and runtime.guard else None
+        extra = {"attention": attention, "profile": str(profile_path) if profile_path else None,
+                 "recall_guard": None if fell is None else {"heads_dense": fell[0], "heads_checked": fell[1]},
+                 "core": core_stats,
                  "tokens": token_stats, "offload": loaded.offload, "unknown_words": unknown}
         if dense is not None:
             extra.update(dense_prefill_ms=dense.prefill_ms, prefill_speedup=dense.prefill_ms / answer.prefill_ms,
@@ -177,12 +183,12 @@ def find_profile(loaded, explicit: Path | None, err: Console):
     return path, found
 
 
-def attach_attention(loaded, profile, backend: str):
+def attach_attention(loaded, profile, backend: str, guard: bool = False):
     if profile is None or profile.attention is None:
         return None
     from vlsparse.kernels.runtime import attach
 
-    return attach(loaded, profile, backend=backend)
+    return attach(loaded, profile, backend=backend, guard=guard)
 
 
 def attach_core(loaded, profile, sparse_runtime, tokens: bool = True):
@@ -203,7 +209,11 @@ def _describe(runtime, profile_path: Path) -> str:
     density = runtime.mean_density()
     if density is None:
         return f"sparse profile {profile_path.name} (prompt shorter than {runtime.min_len} tokens: dense)"
-    return f"sparse ({profile_path.name}), kept {density:.1%} of causal pairs"
+    text = f"sparse ({profile_path.name}), kept {density:.1%} of causal pairs"
+    if runtime.guard:
+        fell, heads = runtime.fallbacks()
+        text += f"; recall guard: {fell} of {heads} heads ran dense"
+    return text
 
 
 def register(app: typer.Typer) -> None:

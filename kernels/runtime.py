@@ -50,6 +50,7 @@ class LayerCall:
     layer: int
     tokens: int
     index: Any = None
+    fallback: list[int] = field(default_factory=list)  # query heads the recall guard ran dense for this prompt
 
     @property
     def density(self) -> float:
@@ -57,7 +58,9 @@ class LayerCall:
             return 1.0
         from vlsparse.kernels.indices import index_density
 
-        return float(index_density(self.index, self.tokens).mean())
+        density = index_density(self.index, self.tokens)
+        density[:, self.fallback] = 1.0  # heads the recall guard ran dense
+        return float(density.mean())
 
 
 @dataclass
@@ -69,12 +72,18 @@ class SparseRuntime:
     min_len: int = 512
     dense_above: float = 0.5
     enabled: bool = True
+    guard: bool = False  # the recall guard (``vlsparse.kernels.recall_guard``)
     spans: list[tuple[int, int]] = field(default_factory=list)
     calls: list[LayerCall] = field(default_factory=list)
     handles: list = field(default_factory=list, repr=False)
 
     def heads(self, layer: int):
         return self.profile.attention.layers[layer]
+
+    def fallbacks(self) -> tuple[int, int]:
+        """(heads the recall guard ran dense, heads that could have run sparse) over the latest prompt."""
+        sparse_calls = [c for c in self.calls if c.index is not None]
+        return sum(len(c.fallback) for c in sparse_calls), sum(len(self.heads(c.layer)) for c in sparse_calls)
 
     def mean_density(self) -> float | None:
         """Mean kept fraction over the latest prompt's prefill calls (all-dense layers count 1), or None."""
@@ -131,6 +140,7 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
                                                                   kwargs):
         return _dense(module, query, key, value, attention_mask, **kwargs)
     from vlsparse.kernels.dispatch import sparse_attention
+    from vlsparse.kernels.indices import with_dense_tail
     from vlsparse.patterns.layer import layer_index
 
     heads = runtime.heads(layer)
@@ -143,9 +153,21 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
         return _dense(module, query, key, value, attention_mask, **kwargs)
     att = runtime.profile.attention
     index = layer_index(heads, query, key, scale=scale, spans=runtime.spans, masks=runtime.profile.tensors,
-                        block_size=att.block_size, last_q=att.last_q, dense_tail=att.dense_tail)
-    runtime.calls.append(LayerCall(layer, n, index))
+                        block_size=att.block_size, last_q=att.last_q)
+    fallback: list[int] = []
+    if runtime.guard:  # heads whose lists miss too much of this prompt's last-block attention run dense
+        from vlsparse.kernels.recall_guard import heads_to_fall_back, last_block_recall
+
+        target = att.tail_recall_target if att.tail_recall_target is not None else att.recall_target
+        fallback = heads_to_fall_back(last_block_recall(query, key, index, scale), target)
+    if att.dense_tail:
+        index = with_dense_tail(index, n)
+    runtime.calls.append(LayerCall(layer, n, index, fallback))
     out = sparse_attention(query, key, value, index, scale, backend=runtime.backend).transpose(1, 2).contiguous()
+    if fallback:
+        from vlsparse.kernels.recall_guard import dense_heads
+
+        out[:, :, fallback] = dense_heads(query, key, value, fallback, scale, attention_mask).transpose(1, 2)
     if off_causal.any():  # those rows run as the model runs them: dense, under its own mask
         rows = off_causal.nonzero().flatten().to(query.device)
         out[:, rows] = _dense(module, query[:, :, rows], key, value, attention_mask[:, :, rows], **kwargs)[0]
@@ -172,7 +194,7 @@ def _prefill_hook(runtime: SparseRuntime, adapter):
 
 
 def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512,
-           dense_above: float = 0.5) -> SparseRuntime:
+           dense_above: float = 0.5, guard: bool = False) -> SparseRuntime:
     """Make ``loaded.model`` run its language-layer prefills with ``profile``; returns the runtime.
 
     Checks that the profile was made for this model (one-line ``ProfileError`` otherwise).
@@ -184,7 +206,7 @@ def attach(loaded, profile: Profile, backend: str = "auto", min_len: int = 512,
         from vlsparse.errors import InputError
 
         raise InputError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
-    runtime = SparseRuntime(profile=profile, backend=backend, min_len=min_len, dense_above=dense_above)
+    runtime = SparseRuntime(profile=profile, backend=backend, min_len=min_len, dense_above=dense_above, guard=guard)
     register_attention()
     for layer in loaded.adapter.lm_layers():
         module = loaded.adapter.self_attention(layer)  # None: a layer attending elsewhere (Mllama) stays dense
