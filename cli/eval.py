@@ -15,7 +15,8 @@ from vlsparse.cli.errors import friendly_errors
 from vlsparse.cli.options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt
 from vlsparse.cli.quiet import quiet_transformers
 
-DEMO_TASKS = {"demo-vqa": "vqa", "demo-multi": "multi", "demo-grid": "grid", "demo-long": "long"}
+DEMO_TASKS = {"demo-vqa": "vqa", "demo-multi": "multi", "demo-grid": "grid", "demo-long": "long",
+              "demo-wild": "wild", "demo-wild-dark": "wild-dark"}
 TEXT_TASKS = ("pydoc-ppl",)
 
 HELP = """Measure a model: accuracy with a 95% interval on the demo benchmark (held-out seeds,
@@ -23,7 +24,9 @@ per-question-type breakdown), or perplexity on CPython's held-out pydoc text.
 
 Tasks: demo-vqa (single scenes), demo-multi (28-32 scenes in one prompt, 4k+ tokens),
 demo-grid (one large grid image, 4k+ tokens), demo-long (56-60 scenes, 8k+ tokens),
-pydoc-ppl (language models).
+demo-wild (one shape of 16-40 px anywhere on white, drawn by other code than the
+training scenes; vlsparse.demo.wild), demo-wild-dark (the same shapes and questions on
+the training background), pydoc-ppl (language models).
 
 Examples:
 
@@ -39,7 +42,10 @@ With --profile, every sample is answered in turn dense and with the profile: its
 attention (prefills of 512+ tokens), its visual-token reduction (`tokens` section, from
 `vlsparse calibrate --tokens`), and both together (`combined`) when it has both; the
 report sets them side by side: accuracy per question type, answers that agree with
-dense, image tokens kept, attention density kept, and median prefill time.
+dense, image tokens kept, attention density kept, and median prefill time. With
+--recall-guard as well, heads whose pattern misses the prompt's last-block attention run
+dense for that prompt (as `run --recall-guard`); the report gives the mean number of heads
+that fell back per sample and their share of the heads that ran sparse.
 """
 
 
@@ -74,12 +80,22 @@ def _compare_table(result: dict, model: str, task: str, profile: Path) -> Table:
     table.add_row("median prefill", "", f"{result['prefill_ms']['dense']:.1f} ms",
                   *(f"{c['prefill_ms']:.1f} ms" for c in configs.values()))
     table.add_row("image tokens kept", "", "", *(_kept(c) for c in configs.values()))
+    if any("recall_guard" in c for c in configs.values()):
+        table.add_row("heads dense (guard) / sample", "", "", *(_fell(c) for c in configs.values()))
     density = result.get("attention_density")
     table.caption = (f"accuracy delta {result['accuracy_delta']:+.3f} · prefill speedup "
                      f"{result['prefill_speedup']:.2f}x (the profile as a whole) · attention kept "
                      f"{'n/a (no attention section, or prompts under the runtime minimum)' if density is None else f'{density:.1%}'}"
                      f" · chance {result['chance']:.3f} · mean prompt tokens {result['mean_prompt_tokens']:.0f}")
     return table
+
+
+def _fell(config: dict) -> str:
+    guard = config.get("recall_guard")
+    if guard is None:
+        return "-"
+    share = guard["fraction_dense"]
+    return f"{guard['mean_heads_dense']:.1f} ({'no sparse heads' if share is None else f'{share:.1%} of sparse'})"
 
 
 def _kept(config: dict) -> str:
@@ -99,7 +115,7 @@ def _ppl_table(result, model: str) -> Table:
 @friendly_errors
 def eval_command(
     model: ModelOpt = None,
-    task: Annotated[str, typer.Option("--task", help="demo-vqa, demo-multi, demo-grid, demo-long or pydoc-ppl.")] = "demo-vqa",
+    task: Annotated[str, typer.Option("--task", help="demo-vqa, demo-multi, demo-grid, demo-long, demo-wild, demo-wild-dark or pydoc-ppl.")] = "demo-vqa",
     n: Annotated[int, typer.Option("--n", help="Samples to evaluate (demo tasks).", min=1)] = 200,
     seed: SeedOpt = 0,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Window length in tokens (pydoc-ppl).", min=16)] = 512,
@@ -108,19 +124,25 @@ def eval_command(
                           "next to dense.",
         show_default=False)] = None,
     backend: Annotated[str, typer.Option("--backend", help="Sparse kernels (with --profile): auto, triton or torch.")] = "auto",
+    recall_guard: Annotated[bool, typer.Option(
+        "--recall-guard", help="With --profile: measure each head's recall on the prompt's last block; heads under "
+                               "the profile's target run dense for that prompt. Reports fallbacks per sample.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    from vlsparse.errors import InputError
+    from vlsparse.errors import InputError, param
     from vlsparse.models import load
 
     if task not in DEMO_TASKS and task not in TEXT_TASKS:
         raise InputError(f"unknown task {task!r}", f"choose one of {', '.join([*DEMO_TASKS, *TEXT_TASKS])}")
     if profile is not None and task in TEXT_TASKS:
         raise InputError("--profile compares accuracy on demo-* tasks", "drop --profile, or pick a demo-* task")
+    if recall_guard and profile is None:
+        raise InputError(f"{param('recall_guard')} guards a profile's sparse attention",
+                         f"add {param('profile', 'PROFILE.yaml')}, or drop {param('recall_guard')}")
     err = Console(stderr=True, quiet=quiet or json_out)
     with quiet_transformers():
         loaded = load(model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -129,7 +151,7 @@ def eval_command(
             payload = {"model": loaded.name, "task": task, **result.__dict__}
             table = _ppl_table(result, loaded.name)
         elif profile is not None:
-            result = _sparse_vs_dense(loaded, DEMO_TASKS[task], n, seed, profile, backend, err)
+            result = _sparse_vs_dense(loaded, DEMO_TASKS[task], n, seed, profile, backend, err, recall_guard)
             payload = {"model": loaded.name, "task": task, "profile": str(profile), **result}
             table = _compare_table(result, loaded.name, task, profile)
         else:
@@ -163,16 +185,20 @@ def _demo_accuracy(loaded, task: str, n: int, seed: int, err: Console) -> dict:
         return evaluate(loaded.model, loaded.processor, task=task, n=n, seed=seed)
 
 
-def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backend: str, err: Console) -> dict:
+def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backend: str, err: Console,
+                     guard: bool = False) -> dict:
     """The same samples answered dense and with ``profile``, taking turns per sample.
 
     Configurations: ``sparse`` (its attention section), ``tokens`` (its tokens section) and,
     with both, ``combined``. The top level of the result is the profile as a whole (the
-    last configuration) next to ``dense``; ``configs`` holds each one.
+    last configuration) next to ``dense``; ``configs`` holds each one. With ``guard`` (the
+    recall guard), each configuration using the attention section has ``recall_guard``:
+    ``fallback_summary`` of the heads that fell back on each sample.
     """
     from vlsparse.bench.timing import Turns
     from vlsparse.demo.evaluate import evaluate_paired
-    from vlsparse.errors import InputError
+    from vlsparse.errors import InputError, param
+    from vlsparse.kernels.recall_guard import fallback_summary
     from vlsparse.kernels.runtime import attach, detach, set_enabled
     from vlsparse.kernels.token_runtime import attach_profile_tokens, detach_tokens
     from vlsparse.profile import check_profile_matches, load_profile
@@ -182,21 +208,28 @@ def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backen
     if profile_obj.attention is None and profile_obj.tokens is None:
         raise InputError(f"profile {profile} has neither an attention nor a tokens section",
                          "make one with `vlsparse profile` or `vlsparse calibrate --tokens METHOD`")
+    if guard and profile_obj.attention is None:
+        raise InputError(f"{param('recall_guard')} guards sparse attention, and profile {profile} has no attention "
+                         "section", f"drop {param('recall_guard')}, or make the profile with `vlsparse profile`")
     names = [name for name, present in (("sparse", profile_obj.attention is not None),
                                         ("tokens", profile_obj.tokens is not None)) if present]
     if len(names) == 2:
         names.append("combined")
-    runtime = attach(loaded, profile_obj, backend=backend) if profile_obj.attention is not None else None
+    runtime = attach(loaded, profile_obj, backend=backend, guard=guard) if profile_obj.attention is not None else None
     tokens = attach_profile_tokens(loaded, profile_obj, sparse_runtime=runtime)
     densities: list[float] = []
     kept: dict[str, list[tuple[int, int]]] = {name: [] for name in names}
+    fell: dict[str, list[tuple[int, int]]] = {name: [] for name in names}  # per sample: (heads dense, heads sparse)
 
     def answered(name: str) -> None:  # what the mode that just answered kept
         if tokens is not None and name in ("tokens", "combined"):
             st = tokens.stats()
             kept[name].append((st["image_tokens_kept"], st["image_tokens_total"]))
-        if runtime is not None and name in ("sparse", "combined") and runtime.mean_density() is not None:
-            densities.append(runtime.mean_density())
+        if runtime is not None and name in ("sparse", "combined"):
+            if runtime.mean_density() is not None:
+                densities.append(runtime.mean_density())
+            if guard:
+                fell[name].append(runtime.fallbacks())
 
     def enter(name: str) -> None:
         if runtime is not None:
@@ -228,6 +261,8 @@ def _sparse_vs_dense(loaded, task: str, n: int, seed: int, profile: Path, backen
                          "prefill_speedup": prefill["dense"] / prefill[name],
                          "image_tokens_kept": sum(k for k, _ in pairs) if pairs else None,
                          "image_tokens_total": sum(t for _, t in pairs) if pairs else None}
+        if guard and name in ("sparse", "combined"):
+            configs[name]["recall_guard"] = fallback_summary(fell[name])
     whole = names[-1]
     return {**configs[whole], "dense": dense, "configs": configs,
             "attention_density": statistics.mean(densities) if densities else None,

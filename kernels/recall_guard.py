@@ -60,3 +60,19 @@ def dense_heads(query: Tensor, key: Tensor, value: Tensor, heads: list[int], sca
     if attention_mask is None:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
+
+
+def fallback_summary(per_sample: list[tuple[int, int]]) -> dict:
+    """Fallback counts over samples, from each prompt's ``SparseRuntime.fallbacks()`` (heads dense, heads checked).
+
+    ``heads_dense`` / ``heads_checked`` list them per sample; ``mean_heads_dense`` is the mean heads
+    that fell back per sample, ``fraction_dense`` their share of all heads checked (heads of layers that
+    ran sparse), None when no prompt ran sparse (all shorter than the runtime's minimum, say).
+    """
+    dense = [d for d, _ in per_sample]
+    checked = [c for _, c in per_sample]
+    n = len(per_sample)
+    return {"heads_dense": dense, "heads_checked": checked,
+            "mean_heads_dense": sum(dense) / n if n else 0.0,
+            "mean_heads_checked": sum(checked) / n if n else 0.0,
+            "fraction_dense": sum(dense) / sum(checked) if sum(checked) else None}

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from vlsparse.demo import build, scenes
+from vlsparse.demo import build, scenes, wild
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -83,9 +83,15 @@ def summarize(task: str, seed: int, samples: list[scenes.Sample], answers: list[
     }
 
 
+def eval_samples(task: str, n: int, seed: int = 0, **sample_kwargs) -> list[scenes.Sample]:
+    """The ``n`` held-out samples of a run with ``seed``: ``scenes`` tasks, or ``wild`` ones (``vlsparse.demo.wild``)."""
+    source = wild.generate if task in wild.WILD_TASKS else scenes.generate
+    return source(task, n, scenes.EVAL_SEED_BASE + seed, **sample_kwargs)
+
+
 def evaluate(model, processor, task: str = "vqa", n: int = 200, seed: int = 0,
              progress: Callable[[], None] | None = None, **sample_kwargs) -> dict:
-    """Accuracy of ``model`` on ``n`` held-out samples of ``task`` (vqa, multi, grid, long).
+    """Accuracy of ``model`` on ``n`` held-out samples of ``task`` (vqa, multi, grid, long, wild, wild-dark).
 
     Returns ``accuracy``, ``ci95``, ``per_qtype`` ({qtype: {n, accuracy}}),
     ``chance`` (mean 1/#answers), ``mean_prompt_tokens``, ``n``, ``seed``, ``task``, and
@@ -106,7 +112,7 @@ def evaluate_paired(model, processor, modes: dict[str, Callable[[], None] | None
     """
     was_training = model.training
     model.eval()
-    samples = scenes.generate(task, n, scenes.EVAL_SEED_BASE + seed, **sample_kwargs)
+    samples = eval_samples(task, n, seed, **sample_kwargs)
     answers: dict[str, list[str]] = {name: [] for name in modes}
     lens: dict[str, list[int]] = {name: [] for name in modes}
     for sample in samples:
