@@ -17,12 +17,21 @@ HELP = """Benchmarks measured in one run, printed as a table (or JSON)."""
 ATTENTION_HELP = """Time the sparse CPU attention path against dense causal SDPA on random inputs.
 
 For every length, pattern and density: dense and sparse times, speedup, efficiency
-(speedup x density, 1.0 = as fast per kept pair as dense) and the max error against a
-dense masked fp32 reference (on sampled rows). Long lengths take minutes on 2 cores.
+(speedup x density: the speedup over the ideal 1/density, 1.0 = as fast per kept pair as
+dense) and the max error against a dense masked fp32 reference (on sampled rows). With
+--flex, compiled flex_attention on the same lists too (the flex backend): its time, speedup
+and efficiency, and sparse_vs_flex (flex time / ours: above 1, ours is faster). Dense, ours
+and flex are timed in turn, so all see the same load. --load N starts N busy processes
+before timing and stops them after (a shared machine, reproduced); rows record it.
+Long lengths take minutes on 2 cores; flex compiles for 10-40 s per new length.
 
 Examples:
 
   vlsparse bench attention --seq 4096,8192
+
+  vlsparse bench attention --seq 8192,32768 --densities 0.1 --flex
+
+  vlsparse bench attention --seq 8192,32768 --densities 0.1 --flex --load 2
 
   vlsparse bench attention --seq 32768 --patterns block_sparse --densities 0.05,0.1 --json
 """
@@ -44,6 +53,8 @@ def attention_command(
                                                         "use with --threads 1).")] = "wall",
     flex: Annotated[bool, typer.Option("--flex", help="Also time compiled flex_attention (compiles ~30 s per length).")]
     = False,
+    load: Annotated[int, typer.Option("--load", help="Busy processes (one-thread fp32 matmul loops) running while "
+                                                     "timing, to reproduce a shared machine.", min=0)] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -66,8 +77,8 @@ def attention_command(
         torch.set_num_threads(threads)
     say = None if quiet or json_out else (lambda msg: typer.echo(msg, err=True))
     rows = bench_attention(parse_ints(seq, "seq"), chosen, parse_fractions(densities, "densities"), heads=heads,
-                           kv_heads=kv_heads or None, head_dim=head_dim, repeats=repeats, flex=flex, seed=seed,
-                           clock=clock, progress=say)
+                           kv_heads=kv_heads or None, head_dim=head_dim, repeats=repeats, flex=flex, load=load,
+                           seed=seed, clock=clock, progress=say)
     typer.echo(json.dumps(rows, indent=2) if json_out else format_table(rows))
 
 
