@@ -87,8 +87,10 @@ def test_bench_attention_runs_under_load_and_times_flex_in_the_same_rows(monkeyp
     assert _workers_alive() == 0
     for row in rows:
         assert row["load"] == 2 and row["max_abs_err"] < 1e-5 and row["flex_max_abs_err"] < 1e-5
-        assert row["flex_speedup"] == pytest.approx(row["dense_ms"] / row["flex_ms"], rel=0.05, abs=0.01)
-        assert row["sparse_vs_flex"] == pytest.approx(row["flex_ms"] / row["sparse_ms"], rel=0.05, abs=0.01)
+        # the ms columns are rounded to 0.01 ms, a large share of a 256-token time: the ratios (from the
+        # unrounded times) agree with them only that far
+        assert row["flex_speedup"] == pytest.approx(row["dense_ms"] / row["flex_ms"], rel=0.3, abs=0.05)
+        assert row["sparse_vs_flex"] == pytest.approx(row["flex_ms"] / row["sparse_ms"], rel=0.3, abs=0.05)
         assert row["flex_efficiency"] == pytest.approx(row["flex_speedup"] * row["density"], rel=0.05, abs=1e-3)
     header = bench.format_table(rows).splitlines()[0].split()
     assert header[:8] == ["seq", "pattern", "density", "load", "dense_ms", "sparse_ms", "flex_ms", "speedup"]
