@@ -15,7 +15,8 @@ from vlsparse.cli.errors import friendly_errors
 from vlsparse.cli.options import DeviceOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt
 from vlsparse.cli.quiet import quiet_transformers
 
-E2E_HELP = """Dense vs sparse attention vs core tokens vs core neurons vs token reduction vs everything combined.
+E2E_HELP = """Dense vs sparse attention vs core tokens vs core neurons vs token reduction vs KV cache methods vs
+everything combined.
 
 On the demo's long-context task, for each configuration: accuracy (held-out
 seeds), prefill ms, decode tokens/s (a speed pass with a fixed number of new
@@ -28,6 +29,13 @@ neurons and token reduction (the `tokens` method, else core tokens) on --pruned 
 should hold `attention` (from `vlsparse profile`), `core` (from `vlsparse calibrate`)
 and `tokens` (from `vlsparse calibrate --tokens`); a missing part runs dense and says so.
 
+Decode baselines: `dense` uses transformers' default cache, `dense_static` its static
+cache (the strongest dense decode it offers); `decode_vs_static` compares with the latter.
+`kv_fp`, `kv_uniform`, `kv_zipvl` and `kv_snapkv` decode with a KV cache method (the
+profile's `kv` parameters for its method, else the defaults); `kv_quantized` is
+transformers' QuantizedCache (quanto, 4 bits; needs optimum-quanto). `combined` decodes
+with the profile's `kv` method, else `fp`.
+
 Examples:
 
 \b
@@ -35,6 +43,7 @@ Examples:
   vlsparse bench e2e --pruned ./demo-pruned --n 100 --json
   vlsparse bench e2e --task grid --configs dense,core_tokens --threads 1
   vlsparse bench e2e --configs dense,tokens,combined --pruned ./demo-pruned
+  vlsparse bench e2e --task long --configs dense,dense_static,kv_fp,kv_uniform,kv_zipvl,kv_snapkv
 """
 
 
@@ -48,7 +57,8 @@ def e2e_command(
     pruned: Annotated[Optional[str], typer.Option("--pruned", help="Pruned checkpoint for the combined row.",
                                                   show_default=False)] = None,
     configs: Annotated[str, typer.Option("--configs", help="Comma-separated configurations.")]
-    = "dense,sparse_attention,core_tokens,core_neurons,tokens,combined",
+    = "dense,dense_static,sparse_attention,core_tokens,core_neurons,tokens,kv_fp,kv_uniform,kv_zipvl,kv_snapkv,"
+      "kv_quantized,combined",
     speed_prompts: Annotated[int, typer.Option("--speed-prompts", help="Prompts in the speed pass.", min=1)] = 2,
     decode_tokens: Annotated[int, typer.Option("--decode-tokens", help="New tokens per speed-pass prompt.",
                                                min=2)] = 16,

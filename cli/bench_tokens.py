@@ -50,7 +50,7 @@ def _tasks(text: str) -> list[str]:
 
 def _params(items: list[str] | None) -> dict[str, dict]:
     """``["fastv:k=3"]`` -> ``{"fastv": {"k": 3}}``."""
-    from vlsparse.cli.calibrate import parse_token_params
+    from vlsparse.cli.options import parse_params
     from vlsparse.errors import InputError
 
     out: dict[str, dict] = {}
@@ -58,7 +58,7 @@ def _params(items: list[str] | None) -> dict[str, dict]:
         method, sep, rest = item.partition(":")
         if not sep:
             raise InputError(f"--token-param {item!r} is not METHOD:NAME=VALUE", "e.g. --token-param fastv:k=3")
-        out.setdefault(method.strip().lower(), {}).update(parse_token_params([rest]))
+        out.setdefault(method.strip().lower(), {}).update(parse_params([rest]))
     return out
 
 

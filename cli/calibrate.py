@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, ModelArg,
-                                  ModelOpt, QuietOpt, SeedOpt, TrustRemoteCodeOpt, existing_paths, parse_fractions)
+from vlsparse.cli.options import (AllowPickleOpt, CalibOpt, DeviceOpt, DtypeOpt, ForceOpt, JsonOpt, KVParamOpt,
+                                  ModelArg, ModelOpt, QuietOpt, SeedOpt, TrustRemoteCodeOpt, existing_paths,
+                                  parse_fractions, parse_params)
 from vlsparse.cli.quiet import quiet_transformers
 
 HELP = """Calibrate core neurons and core tokens -> the `core` section of a profile (YAML), or a
@@ -41,6 +42,12 @@ AND the whole answer) all match dense. The guard is reported either way; the res
 is the profile's `tokens` section, which `vlsparse run` then uses (--no-tokens turns
 it off).
 
+With --kv METHOD (fp, uniform, zipvl, snapkv; parameters with --kv-param) it answers
+the calibration prompts with the full-precision cache and with that KV cache method,
+and writes the profile's `kv` section with how many first tokens and answers stayed
+the same and the cache's size against full precision. run, eval and bench decode
+with it (--kv overrides it there).
+
 Calibration data as for `vlsparse profile`: demo scenes (VLMs), pydoc text (LMs),
 or --calib FILE.jsonl. The core (or tokens) section is added to --profile (or, found by the
 rule `run` uses, ./profiles/MODEL.yaml, else the model folder's vlsparse.yaml;
@@ -58,6 +65,8 @@ Examples:
   vlsparse calibrate --tokens fastv --keep 0.25
   vlsparse calibrate --tokens pyramiddrop --keep auto --samples 8
   vlsparse calibrate --tokens fastv --keep 0.5 --token-param k=3 --token-param rows=last
+  vlsparse calibrate --kv zipvl
+  vlsparse calibrate --kv snapkv --kv-param budget=0.25
 """
 
 
@@ -82,22 +91,20 @@ def tokens_table(section: dict, model_name: str, out: Path) -> Table:
     return table
 
 
-def parse_token_params(items: list[str] | None) -> dict:
-    """``["k=3", "layers=[1, 2]"]`` -> ``{"k": 3, "layers": [1, 2]}`` (values read as YAML)."""
-    import yaml
-
-    from vlsparse.errors import InputError
-
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise InputError(f"--token-param {item!r} is not NAME=VALUE", "e.g. --token-param k=3")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise InputError(f"--token-param {item!r}: cannot read the value", "e.g. --token-param layers=[1,2]") from None
-    return out
+def kv_table(section: dict, model_name: str, out: Path) -> Table:
+    title = f"vlsparse calibrate --kv · {model_name}"
+    table = Table(title=title, show_header=False, title_justify="left", min_width=len(title))
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    guard = section["guard"]
+    table.add_row("KV method", section["method"])
+    table.add_row("parameters", ", ".join(f"{k}={v}" for k, v in section["params"].items()) or "-")
+    table.add_row("same first token as fp", f"{guard['first_token']:.0%}")
+    table.add_row("same answer as fp", f"{guard['answer']:.0%}")
+    if guard["kv_ratio"] is not None:
+        table.add_row("KV cache bytes vs fp", f"{guard['kv_ratio']:.2f}x")
+    table.add_row("written to", str(out))
+    return table
 
 
 def summary_table(core: dict, model_name: str, out: Path) -> Table:
@@ -182,6 +189,10 @@ def calibrate(
     token_param: Annotated[Optional[list[str]], typer.Option(
         "--token-param", help="With --tokens: a method parameter NAME=VALUE (repeatable), e.g. k=3.",
         show_default=False)] = None,
+    kv: Annotated[Optional[str], typer.Option(
+        "--kv", help="Check this KV cache method (fp, uniform, zipvl, snapkv) on the calibration prompts and write "
+                     "the profile's `kv` section, which run, eval and bench decode with.", show_default=False)] = None,
+    kv_param: KVParamOpt = None,
     guard_tokens: Annotated[int, typer.Option(
         "--guard-tokens", help="Longest greedy answer the answer guards compare with dense, end of sequence "
                                "included (core neurons and --tokens; 0 turns the core-neuron guard off).",
@@ -220,7 +231,15 @@ def calibrate(
         from vlsparse.tokens import method_named
 
         method_named(tokens)  # an unknown method is refused before any model work
-    params = parse_token_params(token_param)
+    params = parse_params(token_param)
+    if kv is not None and tokens is not None:
+        raise InputError("--kv and --tokens write different sections", "run calibrate once for each")
+    if kv is None and kv_param:
+        raise InputError("--kv-param applies to --kv", "add --kv METHOD, e.g. --kv uniform")
+    if kv is not None:
+        from vlsparse.profile.kv import resolve_kv
+
+        resolve_kv(kv, parse_params(kv_param, "kv-param", "bits=2"))  # refused before any model work
     inputs = existing_paths(model_arg, model, calib)
     if out:
         check_output(out, force=force, inputs=inputs)
@@ -252,6 +271,15 @@ def calibrate(
                               out_path, force, started, json_out, show, say, err)
             return
         calibration = calibration_from(loaded, calib, samples=samples, seq_len=seq_len, seed=seed)
+        if kv is not None:
+            from vlsparse.compress.kv_calibrate import calibrate_kv, kv_profile
+
+            section = calibrate_kv(loaded, calibration, kv, parse_params(kv_param, "kv-param", "bits=2"),
+                                   max_new_tokens=max(guard_tokens, 1), progress=say)
+            _save_section("kv", section, kv_profile(loaded, section, base), kv_table(section, loaded.name, out_path),
+                          base is not None and base.kv is not None, base_path, out_path, force, started, json_out,
+                          show, err)
+            return
         core = calibrate_core(
             loaded, calibration, alpha=alpha, beta=beta, max_error=max_error,
             neuron_layers=neuron_span, token_layers=token_span,

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt
+from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, KVParamOpt, ModelOpt, QuietOpt,
+                                  SeedOpt, parse_params)
 from vlsparse.cli.quiet import quiet_transformers
 
 DEMO_TASKS = {"demo-vqa": "vqa", "demo-multi": "multi", "demo-grid": "grid", "demo-long": "long",
@@ -123,10 +124,14 @@ def eval_command(
         "--profile", help="Also answer with this profile's sparse attention and token reduction; report them "
                           "next to dense.",
         show_default=False)] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Sparse kernels (with --profile): auto, triton or torch.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="Sparse kernels (with --profile): auto, triton, torch or flex (compiled flex_attention).")] = "auto",
     recall_guard: Annotated[bool, typer.Option(
         "--recall-guard", help="With --profile: measure each head's recall on the prompt's last block; heads under "
                                "the profile's target run dense for that prompt. Reports fallbacks per sample.")] = False,
+    kv: Annotated[Optional[str], typer.Option(
+        "--kv", help="Decode the answers with this KV cache method (fp, uniform, zipvl, snapkv) [default: "
+                     "transformers' own cache].", show_default=False)] = None,
+    kv_param: KVParamOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     allow_pickle: AllowPickleOpt = False,
@@ -135,6 +140,7 @@ def eval_command(
 ) -> None:
     from vlsparse.errors import InputError, param
     from vlsparse.models import load
+    from vlsparse.profile.kv import choose_kv, describe_kv
 
     if task not in DEMO_TASKS and task not in TEXT_TASKS:
         raise InputError(f"unknown task {task!r}", f"choose one of {', '.join([*DEMO_TASKS, *TEXT_TASKS])}")
@@ -143,9 +149,18 @@ def eval_command(
     if recall_guard and profile is None:
         raise InputError(f"{param('recall_guard')} guards a profile's sparse attention",
                          f"add {param('profile', 'PROFILE.yaml')}, or drop {param('recall_guard')}")
+    if kv_param and kv is None:
+        raise InputError(f"{param('kv_param')} applies to {param('kv')}", f"add {param('kv', 'uniform')}")
+    kv_settings = choose_kv(None, kv, parse_params(kv_param, "kv-param", "bits=2")) if kv is not None else None
+    if kv_settings is not None and task in TEXT_TASKS:
+        raise InputError(f"{param('kv')} changes decoding, which {task} does not do", f"drop {param('kv')}")
     err = Console(stderr=True, quiet=quiet or json_out)
     with quiet_transformers():
         loaded = load(model or "demo", device=device, dtype=dtype, allow_pickle=allow_pickle)
+        if kv_settings is not None:
+            from vlsparse.kernels.kv_runtime import attach_kv
+
+            attach_kv(loaded, kv_settings)
         if task in TEXT_TASKS:
             result = _perplexity(loaded, seq_len, err)
             payload = {"model": loaded.name, "task": task, **result.__dict__}
@@ -161,10 +176,13 @@ def eval_command(
     from vlsparse.rss import peak_rss_mb
 
     payload["peak_rss_mb"] = peak_rss_mb()
+    payload["kv"] = describe_kv(kv_settings)
     if json_out:
         typer.echo(json.dumps(payload, indent=2))
     else:
         Console().print(table)
+        if kv_settings is not None:
+            err.print(f"KV cache: {payload['kv']}", markup=False, highlight=False)
         err.print(f"peak RSS {payload['peak_rss_mb']:.0f} MiB", markup=False, highlight=False)
 
 

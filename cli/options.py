@@ -44,6 +44,14 @@ MaxMemoryOpt = Annotated[Optional[float], typer.Option(
 OffloadFolderOpt = Annotated[Optional[Path], typer.Option(
     "--offload-folder", show_default=False,
     help="Where offloaded weights go [default: a temporary folder, removed at exit].")]
+KVOpt = Annotated[Optional[str], typer.Option(
+    "--kv", show_default=False,
+    help="KV cache method for decoding: fp (full precision, written in place), uniform (low-bit, KIVI-style), "
+         "zipvl (mixed precision), snapkv (evicts image tokens), or off (transformers' own cache) "
+         "[default: the profile's `kv` section, else fp].")]
+KVParamOpt = Annotated[Optional[list[str]], typer.Option(
+    "--kv-param", show_default=False,
+    help="A KV method parameter NAME=VALUE (repeatable), e.g. bits=2 or budget=0.25.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs that exist, if vlsparse wrote them "
                                                         "(never another file or folder, never an input).")]
 
@@ -92,3 +100,21 @@ def parse_fractions(text: str, option: str, example: str = "0.05,0.1,0.25") -> l
     if not values or not all(0 < x <= 1 for x in values):
         raise InputError(f"--{option} must lie in (0, 1], got {text!r}", f"e.g. {example}")
     return values
+
+
+def parse_params(items: list[str] | None, option: str = "token-param", example: str = "k=3") -> dict:
+    """``["k=3", "layers=[1, 2]"]`` -> ``{"k": 3, "layers": [1, 2]}`` (values read as YAML), or a one-line InputError."""
+    import yaml
+
+    from vlsparse.errors import InputError
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise InputError(f"--{option} {item!r} is not NAME=VALUE", f"e.g. --{option} {example}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise InputError(f"--{option} {item!r}: cannot read the value", f"e.g. --{option} {example}") from None
+    return out

@@ -13,8 +13,9 @@ from rich.table import Table
 
 from vlsparse.cli.quiet import quiet_transformers
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxMemoryOpt, ModelOpt,
-                                  OffloadFolderOpt, QuietOpt, TrustRemoteCodeOpt, offload_folder_for, say_offload)
+from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, KVOpt, KVParamOpt, MaxMemoryOpt,
+                                  ModelOpt, OffloadFolderOpt, QuietOpt, TrustRemoteCodeOpt, offload_folder_for,
+                                  parse_params, say_offload)
 
 HELP = """Answer a QUESTION about one or more images with the model's own prompt format.
 
@@ -30,10 +31,15 @@ Examples:
   vlsparse run --model ./SmolLM2-135M-Instruct "What is the capital of France?"
 
   vlsparse run --no-tokens examples/scene.png "What color is the circle?"   # keep every image token
+  vlsparse run --kv zipvl examples/scene.png "What color is the circle?"    # mixed-precision KV cache
+  vlsparse run --kv snapkv --kv-param budget=0.25 examples/scene.png "What color is the circle?"
   vlsparse run --model ./big-vlm --max-memory-mb 4000 photo.jpg "Describe it."   # weights beyond 4000 MiB on disk
 
 A profile's `tokens` section (`vlsparse calibrate --tokens METHOD`) drops image tokens
 with that method; it replaces the `core` section's core tokens when both are present.
+Decoding uses the profile's `kv` section (`vlsparse calibrate --kv METHOD`), else a
+full-precision cache written in place (--kv fp, the same numbers as transformers' own
+cache without its copy per token); --kv off uses transformers' own.
 """
 
 
@@ -73,7 +79,7 @@ def run(
         show_default=False)] = None,
     dense_only: Annotated[bool, typer.Option("--dense", help="Ignore any profile: dense attention.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense; report prefill speedup.")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="Sparse kernels: auto, triton or torch.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="Sparse kernels: auto, triton, torch or flex (compiled flex_attention).")] = "auto",
     recall_guard: Annotated[bool, typer.Option(
         "--recall-guard", help="Measure each head's recall on the prompt's last block; heads under the profile's "
                                "target run dense for this prompt.")] = False,
@@ -83,6 +89,8 @@ def run(
     tokens: Annotated[Optional[bool], typer.Option(
         "--tokens/--no-tokens", help="Visual-token reduction from the profile's `tokens` section "
                                      "[default: on when the profile has one].", show_default=False)] = None,
+    kv: KVOpt = None,
+    kv_param: KVParamOpt = None,
     max_memory_mb: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
     device: DeviceOpt = "auto",
@@ -99,6 +107,11 @@ def run(
     from vlsparse.images import load_image
     from vlsparse.models import load
     from vlsparse.models.processors import unknown_words
+    from vlsparse.profile.kv import choose_kv, describe_kv
+
+    kv_params = parse_params(kv_param, "kv-param", "bits=2")
+    if kv is not None:
+        choose_kv(None, kv, kv_params)  # an unknown method or parameter is refused before loading the model
 
     *image_paths, question = inputs
     if not question.strip():
@@ -135,7 +148,10 @@ def run(
         runtime = attach_attention(loaded, profile_obj, backend, guard=recall_guard)
         core_runtime = attach_core(loaded, profile_obj, runtime, tokens=not use_tokens) if core is not False else None
         token_runtime = attach_tokens(loaded, profile_obj, runtime) if use_tokens else None
+        kv_settings = choose_kv(profile_obj.kv if profile_obj is not None else None, kv, kv_params)
+        kv_runtime = attach_kv(loaded, kv_settings, token_runtime)
         answer = generate_answer(loaded, batch, max_new_tokens=max_new_tokens)
+    kv_stats = {"method": describe_kv(kv_settings), **(kv_runtime.stats() if kv_runtime is not None else {})}
     attention = "dense" if runtime is None else _describe(runtime, profile_path)
     core_stats = core_runtime.stats() if core_runtime is not None else {}
     token_stats = token_runtime.stats() if token_runtime is not None else {}
@@ -144,7 +160,7 @@ def run(
         extra = {"attention": attention, "profile": str(profile_path) if profile_path else None,
                  "recall_guard": None if fell is None else {"heads_dense": fell[0], "heads_checked": fell[1]},
                  "core": core_stats,
-                 "tokens": token_stats, "offload": loaded.offload, "unknown_words": unknown}
+                 "tokens": token_stats, "kv": kv_stats, "offload": loaded.offload, "unknown_words": unknown}
         if dense is not None:
             extra.update(dense_prefill_ms=dense.prefill_ms, prefill_speedup=dense.prefill_ms / answer.prefill_ms,
                          dense_decode_tokens_per_s=dense.decode_tokens_per_s, dense_text=dense.text)
@@ -158,6 +174,11 @@ def run(
         table.add_row("image tokens kept", f"{core_stats['image_tokens_kept']} / {core_stats['image_tokens_total']}")
     if core_stats.get("core_neurons"):
         table.add_row("core neurons kept", f"{core_stats['core_neurons_kept']} / {core_stats['core_neurons_total']}")
+    table.add_row("KV cache", kv_stats["method"])
+    if "kv_held_bytes" in kv_stats:
+        kept = (f", {kv_stats['kv_kept_tokens']} of {kv_stats['kv_prompt_tokens']} prompt tokens kept over the layers"
+                if kv_stats.get("kv_kept_tokens", 0) < kv_stats.get("kv_prompt_tokens", 0) else "")
+        table.add_row("  held", f"{kv_stats['kv_held_bytes'] / 2**20:.2f} MiB{kept}")
     err.print(table)
 
 
@@ -203,6 +224,15 @@ def attach_tokens(loaded, profile, sparse_runtime):
     from vlsparse.kernels.token_runtime import attach_profile_tokens
 
     return attach_profile_tokens(loaded, profile, sparse_runtime=sparse_runtime)
+
+
+def attach_kv(loaded, settings, token_runtime=None):
+    """The KV method's runtime (None: transformers' own cache)."""
+    if settings is None:
+        return None
+    from vlsparse.kernels.kv_runtime import attach_kv as attach
+
+    return attach(loaded, settings, token_runtime)
 
 
 def _describe(runtime, profile_path: Path) -> str:

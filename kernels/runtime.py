@@ -33,6 +33,7 @@ from vlsparse.profile import Profile, check_profile_matches
 
 ATTENTION_NAME = "vlsparse"
 RUNTIME_ATTR = "vlsparse_runtime"
+KV_ATTR = "vlsparse_kv_runtime"  # a model's KV cache method (``vlsparse.kernels.kv_runtime``)
 OBSERVER_ATTR = "vlsparse_observer"
 """An attention module's observer: ``observer(module, query, key, attention_mask, kwargs)`` is called with the
 post-RoPE query [B, H, N, D] and key [B, Hkv, N, D] of every call (``vlsparse.kernels.token_runtime`` scores
@@ -93,7 +94,22 @@ class SparseRuntime:
 
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
+    if (query.shape[2] == 1 and attention_mask is None and kwargs.get("softcap") is None
+            and not getattr(module, "training", False)):  # a decode step that sees every held key
+        scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        return decode_attention(query, key, value, scale), None
     return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row per head over every key: query [B, H, 1, D], key/value [B, Hkv, N, D] (GQA: query head ``h``
+    reads KV head ``h // (H / Hkv)``, nothing repeated) -> [B, 1, H, D] like SDPA's output. Two batched
+    matmuls: on CPU about half of SDPA's time for a decode step, which repeats K/V or takes its slower GQA path."""
+    b, h, _, d = query.shape
+    heads = key.shape[1]
+    q = query.reshape(b, heads, h // heads, d)
+    weights = torch.softmax((q @ key.transpose(-1, -2)).mul_(scale), -1)
+    return (weights @ value).reshape(b, 1, h, d)
 
 
 def _is_sparse_prefill(runtime: SparseRuntime, module, query, key, attention_mask, kwargs: dict) -> bool:
@@ -129,8 +145,17 @@ def vlsparse_attention(module, query, key, value, attention_mask, **kwargs) -> t
     """Registered as ``"vlsparse"``: sparse prefill where the profile says so, SDPA elsewhere.
 
     query: [B, H, N, D]; key, value: [B, Hkv, N, D]; returns ([B, N, H, D], None) like SDPA.
-    A module's observer (``OBSERVER_ATTR``), if any, sees query and key first.
+    A module's observer (``OBSERVER_ATTR``), if any, sees query and key first. A compressed KV
+    cache's handle in place of ``key`` goes to ``vlsparse.kv.cache.attend_handle``.
     """
+    if not isinstance(key, torch.Tensor):
+        from vlsparse.kv.cache import attend_handle
+
+        return attend_handle(module, query, key, value, attention_mask, _attention, **kwargs)
+    return _attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
     observer = getattr(module, OBSERVER_ATTR, None)
     if observer is not None:
         observer(module, query, key, attention_mask, kwargs)
@@ -229,7 +254,10 @@ def set_enabled(loaded, runtime: SparseRuntime, enabled: bool) -> None:
 
 
 def observed(model) -> bool:
-    """Whether any module of ``model`` has an attention observer."""
+    """Whether any module of ``model`` has an attention observer, or the model a KV cache method
+    (``vlsparse.kernels.kv_runtime``): both need the ``"vlsparse"`` attention function."""
+    if getattr(model, KV_ATTR, None) is not None:
+        return True
     return any(getattr(module, OBSERVER_ATTR, None) is not None for module in model.modules())
 
 
@@ -255,5 +283,5 @@ def detach(loaded, runtime: SparseRuntime) -> None:
             delattr(module, RUNTIME_ATTR)
 
 
-__all__: list[Any] = ["ATTENTION_NAME", "OBSERVER_ATTR", "SparseRuntime", "attach", "detach", "observed",
+__all__: list[Any] = ["ATTENTION_NAME", "KV_ATTR", "OBSERVER_ATTR", "SparseRuntime", "attach", "detach", "observed",
                       "off_causal_rows", "register_attention", "set_enabled", "set_observer", "vlsparse_attention"]

@@ -230,3 +230,57 @@ def test_image_only_smolvlm_processor_expands_images_without_torchvision_or_num2
     assert int((ids == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 5 * 4
     assert int((ids == tokenizer.convert_tokens_to_ids("<global-img>")).sum()) == 1
     assert tuple(out["pixel_values"].shape[:2]) == (1, 5)
+
+
+def test_cache_layer_base_and_full_attention_layers_replaced_in_generate(llama):
+    from transformers import DynamicCache, Gemma3TextConfig
+
+    from vlsparse.kv.cache import InPlaceLayer
+
+    base = compat.cache_layer_base()
+    assert isinstance(DynamicCache(config=llama.config).layers[0], base)
+    updates: list[int] = []
+
+    class Counting(InPlaceLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            updates.append(key_states.shape[2])
+            return super().update(key_states, value_states, *args, **kwargs)
+
+    def hook(module, args, kwargs):
+        cache = compat.cache_of_call(kwargs)
+        compat.replace_full_attention_layers(cache, lambda i: Counting(), 2)
+
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    reference = llama.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    handle = llama.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = llama.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+    # our layers are installed at the prefill and kept by generate for every decode step, in both layers
+    assert updates == [5, 5, 1, 1, 1, 1]
+    assert torch.equal(out, reference)
+    # sliding-window layers stay transformers' own; a cache holding tokens is left alone
+    gemma = Gemma3TextConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    cache = DynamicCache(config=gemma)
+    assert compat.replace_full_attention_layers(cache, lambda i: Counting(), 3) == [1]
+    assert type(cache.layers[0]).__name__ == "DynamicSlidingWindowLayer"
+    lazy = DynamicCache()
+    assert compat.replace_full_attention_layers(lazy, lambda i: Counting(), 2) == [0, 1]
+    lazy.update(torch.ones(1, 1, 2, 4), torch.ones(1, 1, 2, 4), 0)
+    assert compat.replace_full_attention_layers(lazy, lambda i: Counting(), 2) == []
+
+
+def test_cache_nbytes_counts_quantised_layers_inner_tensors():
+    class Layer:
+        keys = torch.zeros(1, 2, 3, 4)  # 96 bytes of full-precision residual
+        values = None
+        _quantized_keys = (torch.zeros(10, dtype=torch.uint8), torch.zeros(2))  # HQQ-like tuple: 10 + 8 bytes
+        _quantized_values = None
+
+    class Cache:
+        layers = [Layer()]
+
+    assert compat.cache_nbytes(Cache()) == 96 + 18

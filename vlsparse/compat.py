@@ -50,6 +50,21 @@ def cache_of_output(output: Any) -> Any | None:
     return None
 
 
+def cache_argument(model) -> str:
+    """The name under which ``model``'s forward takes the KV cache (``cache`` since 5.25, else ``past_key_values``)."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_ARGUMENTS if name in parameters), CACHE_ARGUMENTS[-1])
+
+
+def new_dynamic_cache(model) -> Any:
+    """An empty ``DynamicCache`` for ``model`` (its layers typed from the text config, as ``generate`` makes it)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config.get_text_config(decoder=True))
+
+
 def cache_length(cache: Any, layer: int = 0) -> int:
     """Tokens a transformers ``Cache`` already holds in ``layer`` (0 for None or an empty cache)."""
     if cache is None or not hasattr(cache, "get_seq_length"):
@@ -63,15 +78,66 @@ def cache_layer_keys(cache: Any, layer: int):
 
 
 def cache_nbytes(cache: Any) -> int:
-    """Bytes of the key and value tensors a transformers ``Cache`` holds (its ``layers``' ``keys``/``values``)."""
+    """Bytes of the key and value tensors a transformers ``Cache`` holds (its ``layers``' ``keys``/``values``;
+    a vlsparse layer's own count, ``held_nbytes()``, of what it really allocated)."""
     import torch
 
     total = 0
     for layer in getattr(cache, "layers", None) or ():
+        if hasattr(layer, "held_nbytes"):
+            total += layer.held_nbytes()
+            continue
+        for name in ("_quantized_keys", "_quantized_values"):  # transformers' QuantizedLayer (quanto, HQQ)
+            total += _tensor_bytes(getattr(layer, name, None))
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of a tensor, of a tensor subclass's inner tensors (quanto's ``__tensor_flatten__``) or of a tuple."""
+    import torch
+
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in value)
+    if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor:
+        names, _ = value.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(value, name)) for name in names)
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def cache_layer_base() -> type:
+    """transformers' base class of one layer's KV cache (``cache_utils.CacheLayerMixin``).
+
+    A subclass implements ``lazy_initialization``, ``update(keys, values) -> (keys, values)`` (what the
+    attention function receives), ``get_seq_length`` (tokens seen: positions count from it),
+    ``get_mask_sizes(query_length) -> (kv_length, kv_offset)`` (the keys the attention reads) and
+    ``get_max_length``; ``Cache`` treats a layer that is not such a subclass as a linear-attention layer.
+    """
+    from transformers.cache_utils import CacheLayerMixin
+
+    return CacheLayerMixin
+
+
+def replace_full_attention_layers(cache: Any, make_layer: Callable[[int], Any], num_layers: int) -> list[int]:
+    """Put ``make_layer(i)`` in place of every plain full-attention layer ``i`` of an empty ``DynamicCache``.
+
+    Those are ``DynamicLayer`` instances (sliding-window, static, quantised and linear-attention layers
+    are left alone); a cache that creates its layers on first use gets all ``num_layers`` now.
+    Returns the replaced indices (none for a cache that holds tokens already or is not dynamic).
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or cache_length(cache) or type(cache).__name__ != "DynamicCache":
+        return []
+    if not layers and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        layers.extend(DynamicLayer() for _ in range(num_layers))
+    replaced = [i for i, layer in enumerate(layers) if type(layer) is DynamicLayer]
+    for i in replaced:
+        layers[i] = make_layer(i)
+    return replaced
 
 
 # ----------------------------------------------------------------------------- attention registry

@@ -72,3 +72,45 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 512, max_windows: int
     mean = total_nll / total_tokens
     return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=total_tokens, windows=len(windows),
                             seq_len=seq_len)
+
+
+@torch.inference_mode()
+def decode_perplexity(model, tokenizer, text: str, seq_len: int = 512, decoded: int = 64,
+                      max_windows: int | None = None, progress=None) -> PerplexityResult:
+    """Perplexity of the last ``decoded`` tokens of each window, predicted through the KV cache.
+
+    Each window's first ``seq_len - decoded`` tokens are one prefill into an empty cache; then the true
+    tokens are fed one by one (teacher forcing), each step reading the cache as generation does. The
+    NLL counts the predictions of those ``decoded`` tokens (the first from the prefill's last position).
+    So a KV cache method attached to ``model`` (``vlsparse.kernels.kv_runtime``) changes it, and the
+    plain ``perplexity`` (one full forward, no cache) cannot see it.
+    """
+    from vlsparse.compat import cache_argument, new_dynamic_cache
+
+    if not 0 < decoded < seq_len:
+        raise ValueError(f"decoded must lie in 1..{seq_len - 1}, got {decoded}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    windows = token_windows(ids, seq_len, max_windows)
+    if not windows:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    device = next(model.parameters()).device
+    argument = cache_argument(model)
+    total_nll, total_tokens = 0.0, 0
+    for window in windows:
+        batch = window.unsqueeze(0).to(device)
+        start = seq_len - decoded
+        cache = new_dynamic_cache(model)
+        out = model(input_ids=batch[:, :start], use_cache=True, **{argument: cache})
+        logits = [out.logits[0, -1].float()]
+        for position in range(start, seq_len - 1):
+            out = model(input_ids=batch[:, position: position + 1], use_cache=True, **{argument: cache},
+                        position_ids=torch.tensor([[position]], device=device))
+            logits.append(out.logits[0, -1].float())
+        nll = torch.nn.functional.cross_entropy(torch.stack(logits), batch[0, start:], reduction="sum")
+        total_nll += float(nll)
+        total_tokens += decoded
+        if progress is not None:
+            progress()
+    mean = total_nll / total_tokens
+    return PerplexityResult(perplexity=math.exp(mean), nll=mean, tokens=total_tokens, windows=len(windows),
+                            seq_len=seq_len)

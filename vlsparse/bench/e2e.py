@@ -8,6 +8,13 @@ Configurations (``E2E_CONFIGS``), all on the same model and prompts:
 - ``core_neurons``: decoding with the prompt's core neurons (``core_runtime``).
 - ``tokens``: the profile's visual-token-reduction method (its ``tokens`` section, from
   ``vlsparse calibrate --tokens``; ``token_runtime``).
+- ``dense_static``: stock transformers with its static cache (``cache_implementation="static"``,
+  preallocated for the whole generation): the strongest dense decode baseline it offers.
+- ``kv_fp``, ``kv_uniform``, ``kv_zipvl``, ``kv_snapkv``: a KV cache method (``vlsparse.kv``,
+  ``vlsparse.kernels.kv_runtime``) with dense attention: the profile's ``kv`` parameters when its
+  method is that one, else the method's defaults.
+- ``kv_quantized``: transformers' own ``QuantizedCache`` (quanto backend, its default 4 bits; needs
+  ``optimum-quanto``, else the row says so and is skipped): the peer of ``kv_uniform``.
 - ``combined``: everything on the pruned checkpoint (``pruned``, e.g. ``vlsparse prune
   --ratio 0.5``; the same model when none is given, which the row's note says): sparse
   attention, core neurons, and image tokens dropped by the ``tokens`` method when there
@@ -15,7 +22,7 @@ Configurations (``E2E_CONFIGS``), all on the same model and prompts:
   tokens sections of the checkpoint's profile (found by the rule of
   ``vlsparse.profile.locate``: ``./profiles/<checkpoint>.yaml``, which ``vlsparse calibrate
   --model CHECKPOINT`` writes, else its own ``vlsparse.yaml``) where it has them, else the
-  main profile's.
+  main profile's; decoding with the profile's ``kv`` method, else ``fp``.
 
 Per configuration, timed by forward hooks on the model (``vlsparse.bench.timing.ForwardClock``:
 the first forward of a generation, with an empty KV cache, is the prefill; every later
@@ -30,7 +37,12 @@ one a decode step):
   timed rounds, so a drifting machine load hits them alike;
 - ``prefill_ms``: median prefill; ``decode_tokens_per_s``: median over generations of
   decode steps / their time; speedups against the ``dense`` row;
-- ``kv_cache_mib``: keys and values held by the KV cache after the last step;
+- ``kv_cache_mib``: keys and values held by the KV cache after the last step (what it allocated:
+  codes, scales and preallocated room included), ``kv_ratio`` against dense;
+- ``decode_vs_static``: decode tokens/s against the ``dense_static`` row, when it ran;
+- ``decode_agreement``: over the speed prompts, the share of dense's ``decode_tokens`` greedy tokens
+  the configuration repeats before its first different token (the demo's answers are a word or
+  two, and the first token comes from the prefill, so accuracy alone barely sees a KV method);
 - ``peak_mib``: the largest growth of resident memory during one configuration's speed
   runs over its level just before (``malloc_trim``-ed first),
   sampled every 5 ms: an estimate of the working memory beyond the weights;
@@ -49,15 +61,25 @@ import torch
 from vlsparse.bench.timing import ForwardClock
 from vlsparse.rss import RssPeak
 
-E2E_CONFIGS = ("dense", "sparse_attention", "core_tokens", "core_neurons", "tokens", "combined")
+KV_CONFIGS = ("kv_fp", "kv_uniform", "kv_zipvl", "kv_snapkv")
+E2E_CONFIGS = ("dense", "dense_static", "sparse_attention", "core_tokens", "core_neurons", "tokens", *KV_CONFIGS,
+               "kv_quantized", "combined")
+QUANTIZED_CACHE = {"backend": "quanto", "nbits": 4}  # transformers' QuantizedCache as its docs show it
 
 
-def _generate(loaded, inputs: dict, new_tokens: int) -> None:
+def _generate(loaded, inputs: dict, new_tokens: int) -> list[int]:
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.inference_mode():
-        loaded.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              pad_token_id=pad)
+        out = loaded.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                    pad_token_id=pad)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def agreement(tokens: list[int], reference: list[int]) -> float:
+    """Share of ``reference``'s tokens that ``tokens`` repeats before the first difference."""
+    same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    return same / len(reference) if reference else 1.0
 
 
 def demo_evaluate():
@@ -73,11 +95,13 @@ class _Stats:
     """The stats of the runtimes a configuration attached: core neurons from the core runtime, image tokens
     from the token runtime when there is one."""
 
-    def __init__(self, core, tokens) -> None:
-        self.core, self.tokens = core, tokens
+    def __init__(self, core, tokens, kv=None) -> None:
+        self.core, self.tokens, self.kv = core, tokens, kv
 
     def stats(self) -> dict[str, Any]:
         out = self.core.stats() if self.core is not None else {}
+        if self.kv is not None:
+            out.update(self.kv.stats())
         if self.tokens is not None:
             st = self.tokens.stats()
             out.update(image_tokens_kept=st["image_tokens_kept"], image_tokens_total=st["image_tokens_total"],
@@ -85,15 +109,23 @@ class _Stats:
         return out
 
 
-def _apply(config: str, loaded, profile, core_settings, token_settings=None) -> tuple[Callable[[], None], Any, str]:
+def _apply(config: str, loaded, profile, core_settings, token_settings=None, kv_section=None
+           ) -> tuple[Callable[[], None], Any, str]:
     """Switch ``config`` on; returns (undo, runtime stats or None, note)."""
     from vlsparse.kernels.core_runtime import attach_core, detach_core
     from vlsparse.kernels.runtime import attach, detach
     from vlsparse.kernels.token_runtime import attach_tokens, detach_tokens
 
     undo: list[Callable[[], None]] = []
-    sparse = core = tokens = None
+    sparse = core = tokens = kv = None
     notes = []
+    if config in ("dense_static", "kv_quantized"):
+        generation = loaded.model.generation_config
+        saved = generation.cache_implementation, generation.cache_config
+        generation.cache_implementation = "static" if config == "dense_static" else "quantized"
+        generation.cache_config = dict(QUANTIZED_CACHE) if config == "kv_quantized" else None
+        undo.append(lambda: setattr(generation, "cache_implementation", saved[0])
+                    or setattr(generation, "cache_config", saved[1]))
     if config in ("sparse_attention", "combined"):
         if profile is not None and profile.attention is not None:
             sparse = attach(loaded, profile)
@@ -114,7 +146,19 @@ def _apply(config: str, loaded, profile, core_settings, token_settings=None) -> 
         undo.append(lambda: detach_tokens(loaded, tokens))
     elif config == "tokens":
         notes.append("no tokens section in the profile")
-    stats = _Stats(core, tokens) if core is not None or tokens is not None else None
+    if config in KV_CONFIGS or config == "combined":
+        from vlsparse.kernels.kv_runtime import attach_kv, detach_kv
+        from vlsparse.profile.kv import choose_kv
+
+        if config == "combined":
+            settings = choose_kv(kv_section)
+        else:
+            method = config.removeprefix("kv_")
+            ours = kv_section is not None and kv_section.get("method") == method
+            settings = choose_kv(kv_section if ours else None, method if not ours else None)
+        kv = attach_kv(loaded, settings, tokens)
+        undo.append(lambda: detach_kv(loaded, kv))
+    stats = _Stats(core, tokens, kv) if core is not None or tokens is not None or kv is not None else None
     return (lambda: [u() for u in reversed(undo)]), stats, "; ".join(notes)
 
 
@@ -151,8 +195,13 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
     core = parse_core(prof.core, base.adapter.num_layers) if prof is not None and prof.core else None
     tokens = parse_tokens(prof.tokens, base.adapter.num_layers) if prof is not None and prof.tokens else None
     order = ["dense"] + [c for c in E2E_CONFIGS if c in configs and c != "dense"]
+    skipped: dict[str, str] = {}
+    if "kv_quantized" in order and not _quanto_available():
+        order.remove("kv_quantized")
+        skipped["kv_quantized"] = "optimum-quanto is not installed (pip install optimum-quanto): not run"
     combined_model = load(pruned, device=device) if pruned and "combined" in order else base
-    profiles = {config: (prof, core, tokens) for config in order}
+    kv = prof.kv if prof is not None else None
+    profiles = {config: (prof, core, tokens, kv) for config in order}
     _, pruned_prof = (locate_profile(combined_model.path, combined_model.name,
                                      combined_model.adapter.fingerprint(), note=say)
                       if combined_model is not base else (None, None))
@@ -161,7 +210,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
         pruned_tokens = (parse_tokens(pruned_prof.tokens, combined_model.adapter.num_layers) if pruned_prof.tokens
                          else None)
         profiles["combined"] = (pruned_prof if pruned_prof.attention is not None else prof, pruned_core or core,
-                                pruned_tokens or tokens)
+                                pruned_tokens or tokens, pruned_prof.kv or kv)
     rows: dict[str, dict[str, Any]] = {}
     prompts: list[dict] = []
     for config in order:  # accuracy, on the prompts the evaluator builds (the dense run keeps the first ones)
@@ -187,7 +236,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
                         "accuracy": round(float(result["accuracy"]), 4) if result else None,
                         "ci95": [round(float(x), 4) for x in result["ci95"]] if result and "ci95" in result
                         else None, "note": "; ".join(notes)}
-    speed = {config: {"prefill": [], "decode": [], "kv": 0, "peak": 0.0, "stats": {}} for config in order}
+    speed = {config: {"prefill": [], "decode": [], "kv": 0, "peak": 0.0, "stats": {}, "tokens": []} for config in order}
     for rep in range(repeats + 1):  # round 0 warms up and is not counted
         for config in order:
             loaded = combined_model if config == "combined" else base
@@ -201,7 +250,9 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
                 with RssPeak() as rss:
                     for inputs in prompts[:speed_prompts]:
                         before = len(clock.decode_s)
-                        _generate(loaded, inputs, decode_tokens)
+                        tokens = _generate(loaded, inputs, decode_tokens)
+                        if rep == 0:
+                            speed[config]["tokens"].append(tokens)
                         steps = clock.decode_s[before:]
                         if rep and steps:
                             speed[config]["decode"].append(len(steps) / sum(steps))
@@ -230,12 +281,26 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
             row["note"] = "; ".join(x for x in (row["note"], "no prompts captured: no speed") if x)
         out.append(row)
     dense = out[0]
+    static = next((row for row in out if row["config"] == "dense_static"), None)
     for row in out:
         row["prefill_speedup"] = _ratio(dense["prefill_ms"], row["prefill_ms"])
         row["decode_speedup"] = _ratio(row["decode_tokens_per_s"], dense["decode_tokens_per_s"])
+        row["decode_vs_static"] = _ratio(row["decode_tokens_per_s"], static["decode_tokens_per_s"]) if static else None
+        row["kv_ratio"] = _ratio(row["kv_cache_mib"], dense["kv_cache_mib"])
+        pairs = list(zip(speed[row["config"]]["tokens"], speed["dense"]["tokens"])) if row["config"] in speed else []
+        row["decode_agreement"] = round(statistics.mean(agreement(a, b) for a, b in pairs), 4) if pairs else None
         row["accuracy_delta"] = (round(row["accuracy"] - dense["accuracy"], 4)
                                  if row["accuracy"] is not None and dense["accuracy"] is not None else None)
+    out += [{"config": config, "model": base.name, "task": task, "n": 0, "accuracy": None, "note": note}
+            for config, note in skipped.items()]
+    out.sort(key=lambda row: E2E_CONFIGS.index(row["config"]))
     return [row for row in out if row["config"] in configs]
+
+
+def _quanto_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
 
 
 def _release_memory() -> None:
@@ -259,7 +324,10 @@ def _ratio(a, b) -> float | None:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of :func:`bench_e2e` rows."""
     cols = ["config", "accuracy", "prefill_ms", "prefill_speedup", "decode_tokens_per_s", "decode_speedup",
-            "kv_cache_mib", "peak_mib", "image_tokens", "core_neurons"]
+            "decode_vs_static", "decode_agreement", "kv_cache_mib", "kv_ratio", "peak_mib", "image_tokens",
+            "core_neurons"]
+    if not any(r.get("decode_vs_static") for r in rows):
+        cols.remove("decode_vs_static")
 
     def cell(row, col):
         if col == "image_tokens":

@@ -122,8 +122,8 @@ class AttentionProfile:
 class Profile:
     """A model's sparsity profile (attention patterns, pruning record, core calibration).
 
-    ``pruning``, ``core`` and ``tokens`` are plain mappings whose schemas are ``vlsparse.profile.pruning``,
-    ``vlsparse.profile.core`` and ``vlsparse.profile.tokens``; ``tensors`` are the sidecar arrays (not in
+    ``pruning``, ``core``, ``tokens`` and ``kv`` are plain mappings whose schemas are ``vlsparse.profile.pruning``,
+    ``.core``, ``.tokens`` and ``.kv``; ``tensors`` are the sidecar arrays (not in
     the YAML).
     """
 
@@ -133,6 +133,7 @@ class Profile:
     pruning: dict[str, Any] | None = None
     core: dict[str, Any] | None = None
     tokens: dict[str, Any] | None = None
+    kv: dict[str, Any] | None = None
     tensors: dict[str, Any] = field(default_factory=dict, repr=False)
     version: int = PROFILE_VERSION
 
@@ -180,8 +181,9 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         out["pruning"] = profile.pruning
     if profile.core is not None:
         out["core"] = profile.core
-    if profile.tokens is not None:
-        out["tokens"] = profile.tokens
+    for name in ("tokens", "kv"):
+        if getattr(profile, name) is not None:
+            out[name] = getattr(profile, name)
     return out
 
 
@@ -294,7 +296,8 @@ def profile_from_dict(data: Any) -> Profile:
     pruning = checks.sub_mapping(data, "pruning", "the profile", default=None)
     core = checks.sub_mapping(data, "core", "the profile", default=None)
     tokens = checks.sub_mapping(data, "tokens", "the profile", default=None)
-    for name, section in (("pruning", pruning), ("core", core), ("tokens", tokens)):
+    kv = checks.sub_mapping(data, "kv", "the profile", default=None)
+    for name, section in (("pruning", pruning), ("core", core), ("tokens", tokens), ("kv", kv)):
         if section is not None:
             checks.plain_data(section, name)
     if core is not None:
@@ -308,8 +311,12 @@ def profile_from_dict(data: Any) -> Profile:
         from vlsparse.profile.tokens import token_settings
 
         token_settings(tokens, model.num_layers)  # what the token runtime will read, refused now
+    if kv is not None:
+        from vlsparse.profile.kv import kv_settings
+
+        kv_settings(kv)
     return Profile(model=model, calibration=calibration, attention=attention, pruning=pruning, core=core,
-                   tokens=tokens, version=version)
+                   tokens=tokens, kv=kv, version=version)
 
 
 def _attention_from_dict(a: dict, model: ModelFingerprint) -> AttentionProfile:
@@ -396,7 +403,7 @@ def check_profile_matches(profile: Profile, fingerprint: ModelFingerprint, profi
 
 
 def with_section(fingerprint: ModelFingerprint, name: str, section: dict, base: Profile | None = None) -> Profile:
-    """``base`` with its section ``name`` (``core``, ``tokens``) replaced by ``section``, or a new profile
+    """``base`` with its section ``name`` (``core``, ``tokens``, ``kv``) replaced by ``section``, or a new profile
     holding only that section, its calibration taken from the section's own ``calibration`` entry."""
     if base is None:
         c = section["calibration"]
