@@ -133,6 +133,11 @@ def run(
             err.print(f"Note: the tokenizer does not know {', '.join(repr(w) for w in unknown)}: the model reads "
                       "an unknown token there, so the answer may ignore it", markup=False, highlight=False, soft_wrap=True)
         profile_path, profile_obj = (None, None) if dense_only else find_profile(loaded, profile, err)
+        layout = layout_notes(loaded, batch, profile_obj)
+        for note in layout:
+            err.print(f"Note: this prompt has {note}: the profile's patterns may keep less attention here "
+                      "(--recall-guard measures it; or profile with prompts like this one)", markup=False,
+                      highlight=False, soft_wrap=True)
         if core and (profile_obj is None or profile_obj.core is None):
             raise InputError("--core needs a profile with a `core` section", "run `vlsparse calibrate` first")
         if loaded.offload is not None and profile_obj is not None and profile_obj.core is not None:
@@ -160,7 +165,8 @@ def run(
         extra = {"attention": attention, "profile": str(profile_path) if profile_path else None,
                  "recall_guard": None if fell is None else {"heads_dense": fell[0], "heads_checked": fell[1]},
                  "core": core_stats,
-                 "tokens": token_stats, "kv": kv_stats, "offload": loaded.offload, "unknown_words": unknown}
+                 "tokens": token_stats, "kv": kv_stats, "offload": loaded.offload, "unknown_words": unknown,
+                 "layout_warnings": layout}
         if dense is not None:
             extra.update(dense_prefill_ms=dense.prefill_ms, prefill_speedup=dense.prefill_ms / answer.prefill_ms,
                          dense_decode_tokens_per_s=dense.decode_tokens_per_s, dense_text=dense.text)
@@ -224,6 +230,19 @@ def attach_tokens(loaded, profile, sparse_runtime):
     from vlsparse.kernels.token_runtime import attach_profile_tokens
 
     return attach_profile_tokens(loaded, profile, sparse_runtime=sparse_runtime)
+
+
+def layout_notes(loaded, batch, profile) -> list[str]:
+    """Where this prompt lies outside the layout the profile's attention was calibrated on
+    (``vlsparse.profile.layout``); [] without an attention section or a recorded layout."""
+    if profile is None or profile.attention is None or profile.calibration is None:
+        return []
+    from vlsparse.kernels.runtime import SparseRuntime
+    from vlsparse.profile.layout import layout_warnings
+
+    spans = loaded.adapter.image_spans(batch) if loaded.adapter.image_tokens else []
+    return layout_warnings(profile.calibration.layout, (int(batch["input_ids"].shape[1]), spans),
+                           min_tokens=SparseRuntime.min_len)
 
 
 def attach_kv(loaded, settings, token_runtime=None):

@@ -30,6 +30,7 @@ from vlsparse.errors import InputError, param
 from vlsparse.memory import calibration_tokens, check_sequence_fits
 from vlsparse.patterns import lookup
 from vlsparse.profile import AttentionProfile, Calibration, Profile
+from vlsparse.profile.layout import prompt_layout
 from vlsparse.search.calibration import CalibrationSet, prepare_sample
 from vlsparse.search.candidates import LAST_Q, SearchSpace, catalogue
 from vlsparse.search.capture import capture_attention
@@ -117,9 +118,9 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
                          f"pass e.g. {param('tail_recall', 0.95)}")
     check_sequence_fits(loaded, calibration_tokens(calibration), option=param("seq_len"))
     with torch_threads(threads):
-        chosen, masks, n_cal, used = _search(loaded, calibration, recall, space, tie_density, min_gain,
-                                             max_elements, progress or (lambda _msg: None), tail_recall,
-                                             dense_tail)
+        chosen, masks, n_cal, used, layout = _search(loaded, calibration, recall, space, tie_density, min_gain,
+                                                     max_elements, progress or (lambda _msg: None), tail_recall,
+                                                     dense_tail)
     adapter = loaded.adapter
     layers = []
     tensors = {}
@@ -134,7 +135,7 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
     return Profile(
         model=adapter.fingerprint(),
         calibration=Calibration(source=calibration.source, samples=used, seq_len=n_cal,
-                                seed=calibration.seed, target_seq_len=calibration.seq_len),
+                                seed=calibration.seed, target_seq_len=calibration.seq_len, layout=layout),
         attention=AttentionProfile(layers=layers, block_size=BLOCK, recall_target=recall, last_q=LAST_Q,
                                    tail_recall_target=tail_recall, dense_tail=dense_tail),
         tensors=tensors,
@@ -143,7 +144,8 @@ def profile_model(loaded, calibration: CalibrationSet, recall: float = 0.95, spa
 
 def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpace, tie_density: float,
             min_gain: float, max_elements: int, say: Progress, tail_recall: float, dense_tail: bool):
-    """Run the calibration forwards with the capture on; return the choice per head and what it was made at."""
+    """Run the calibration forwards with the capture on; return the choice per head, what it was made at (mean
+    length, samples) and the prompts' layout (``vlsparse.profile.layout``)."""
     adapter = loaded.adapter
     prepared = []
     for sample in calibration.samples:
@@ -197,4 +199,5 @@ def _search(loaded, calibration: CalibrationSet, recall: float, space: SearchSpa
             f"attention, and the runtime runs those rows dense under the model's mask")
     say(f"choosing among {len(candidates)} candidates per head")
     chosen, masks = search.choose(recall, n_cal, tie_density=tie_density, min_gain=min_gain, tail_target=tail_recall)
-    return chosen, masks, n_cal, total
+    layout = prompt_layout([(n, spans if adapter.image_tokens else []) for _, _, spans, n in prepared])
+    return chosen, masks, n_cal, total, layout

@@ -40,6 +40,7 @@ from typing import Any
 import yaml
 
 from vlsparse.profile import checks
+from vlsparse.profile.layout import check_layout
 from vlsparse.atomic import atomic_file
 from vlsparse.errors import ProfileError
 from vlsparse.patterns import PATTERNS as PATTERN_TABLE
@@ -83,6 +84,7 @@ class Calibration:
     seq_len: int
     seed: int
     target_seq_len: int | None = None
+    layout: dict | None = None  # the ranges the calibration prompts covered (vlsparse.profile.layout)
 
 
 @dataclass
@@ -163,7 +165,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
     out: dict[str, Any] = {"version": profile.version, "model": asdict(profile.model)}
     if profile.calibration is not None:
         out["calibration"] = {k: v for k, v in asdict(profile.calibration).items()
-                              if v is not None or k != "target_seq_len"}
+                              if v is not None or k not in ("target_seq_len", "layout")}
     if profile.attention is not None:
         att = profile.attention
         out["attention"] = {
@@ -289,6 +291,7 @@ def profile_from_dict(data: Any) -> Profile:
             seed=checks.integer(c, "seed", "calibration", -(2**63), 2**63 - 1),
             target_seq_len=checks.integer(c, "target_seq_len", "calibration", 1, default=None)
             if c.get("target_seq_len") is not None else None,
+            layout=check_layout(c["layout"], "calibration") if c.get("layout") is not None else None,
         )
     attention = None
     if data.get("attention") is not None:
