@@ -276,9 +276,9 @@ def calibrate(
 
             section = calibrate_kv(loaded, calibration, kv, parse_params(kv_param, "kv-param", "bits=2"),
                                    max_new_tokens=max(guard_tokens, 1), progress=say)
+            replacing = base is not None and base.kv is not None  # before the new section goes into base
             _save_section("kv", section, kv_profile(loaded, section, base), kv_table(section, loaded.name, out_path),
-                          base is not None and base.kv is not None, base_path, out_path, force, started, json_out,
-                          show, err)
+                          replacing, base_path, out_path, force, started, json_out, show, err)
             return
         core = calibrate_core(
             loaded, calibration, alpha=alpha, beta=beta, max_error=max_error,
@@ -287,8 +287,9 @@ def calibrate(
             max_keep=keep_guards, kl_budget=kl_budget, min_top1=min_top1,
             cats_sparsity=cats_sparsity,
             decode_tokens=decode_tokens, guard_tokens=guard_tokens, progress=say)
+    replacing = base is not None and base.core is not None  # before the new section goes into base
     _save_section("core", core, core_profile(loaded, core, base), summary_table(core, loaded.name, out_path),
-                  base is not None and base.core is not None, base_path, out_path, force, started, json_out, show, err)
+                  replacing, base_path, out_path, force, started, json_out, show, err)
 
 
 def _save_section(name: str, section: dict, profile, table, replacing: bool, base_path, out_path: Path, force: bool,
@@ -331,9 +332,10 @@ def _calibrate_tokens(loaded, calibration, method, keep, params, guard_tokens, b
 
     section = calibrate_tokens(loaded, calibration, method, keep, params, max_new_tokens=guard_tokens,
                                progress=say)
+    replacing = base is not None and base.tokens is not None  # before the new section goes into base
     _save_section("tokens", section, tokens_profile(loaded, section, base),
-                  tokens_table(section, loaded.name, out_path), base is not None and base.tokens is not None,
-                  base_path, out_path, force, started, json_out, show, err)
+                  tokens_table(section, loaded.name, out_path), replacing, base_path, out_path, force, started,
+                  json_out, show, err)
 
 
 def register(app: typer.Typer) -> None:

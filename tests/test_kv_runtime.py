@@ -188,3 +188,19 @@ def test_decode_perplexity_reads_the_cache(llama):
     finally:
         detach_kv(llama, runtime)
     assert abs(two_bits.nll - plain.nll) > 1e-4  # the compressed cache is what the decode steps read
+
+
+def test_calibrate_says_replacing_only_when_the_section_was_there(llava_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "p.yaml"
+    common = ["calibrate", "--model", str(llava_dir), "--samples", "1", "--seq-len", "128", "--guard-tokens", "2"]
+    first = runner.invoke(build_app(), [*common, "--kv", "uniform", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert "Note: replacing" not in first.output
+    tokens = runner.invoke(build_app(), [*common, "--tokens", "fastv", "--keep", "0.5", "--token-param", "k=1", "--profile", str(out),
+                                         "--out", str(out), "--force"])
+    assert tokens.exit_code == 0, tokens.output
+    assert "Note: replacing" not in tokens.output  # the profile had no tokens section to replace
+    second = runner.invoke(build_app(), [*common, "--kv", "fp", "--profile", str(out), "--out", str(out), "--force"])
+    assert second.exit_code == 0, second.output
+    assert "replacing the kv section" in second.output
