@@ -1,7 +1,8 @@
 """Calibration batches for pruning, on top of the ``--calib`` reader (``vlsparse.calibration``).
 
-- A vision-language model, demo scenes (default ``demo:vqa``, from the training
-  split) or a JSONL file: one batch per sample, the model's own prompt for the
+- A vision-language model: real English with images (``pydoc+images``, the default when its
+  tokenizer reads English), demo scenes (``demo:vqa`` from the training split, the default
+  for the demo model) or a JSONL file: one batch per sample, the model's own prompt for the
   images and question followed by the answer (a text entry is a prompt without images).
 - A text-only model, pydoc text (the default), a ``.txt`` file, a folder of them or a
   JSONL file: ``samples`` random windows of ``seq_len`` tokens of the text, shuffled by
@@ -138,21 +139,24 @@ def build_calibration(adapter, processor, calib: str | Path | None, samples: int
         raise InputError(f"{param('samples')} must be at least 1, got {samples}")
     if seq_len < 2:
         raise InputError(f"{param('seq_len')} must be at least 2, got {seq_len}")
-    source = prune_source(calib, adapter.is_vlm)
+    from vlsparse.models.processors import reads_english
+
+    source = prune_source(calib, adapter.is_vlm, real_text=adapter.is_vlm and reads_english(processor))
     if adapter.is_vlm:
         return vlm_calibration(adapter, processor, read_calib(source, samples, seed), seed)
     return text_calibration(getattr(processor, "tokenizer", processor), source, samples, seq_len, seed)
 
 
-def prune_source(calib: str | Path | None, vlm: bool) -> CalibSource:
+def prune_source(calib: str | Path | None, vlm: bool, real_text: bool = False) -> CalibSource:
     """The ``--calib`` source of a prune, or a one-line ``InputError``: no ``demo:`` names (the default is
-    the demo calibration), and image-text samples for a vision-language model (its vision tower must run)."""
+    a demo calibration, for the demo model), and image-text samples for a vision-language model (its vision
+    tower must run). ``real_text``: the model reads English, so its default is ``pydoc+images``."""
     if is_demo(calib):
         raise InputError(f"prune does not take {param('calib', calib)} (that is for profile and calibrate)",
-                         f"drop {param('calib')} to prune on demo scenes, or pass a .jsonl or text file")
-    source = parse_calib(calib, vlm=vlm, default_tasks=DEMO_TASKS)
+                         f"drop {param('calib')} for the default calibration, or pass a .jsonl or text file")
+    source = parse_calib(calib, vlm=vlm, default_tasks=DEMO_TASKS, real_text=real_text)
     if vlm and source.plain_text:
         what = source.path.name if source.path else source.name
         raise InputError(f"{what} is plain text, but pruning a vision-language model runs its vision tower on images",
-                         f"pass a .jsonl of images and prompts, or drop {param('calib')} for demo scenes")
+                         f"pass a .jsonl of images and prompts, or drop {param('calib')} for the default calibration")
     return source

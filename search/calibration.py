@@ -3,7 +3,10 @@
 ``vlsparse.calibration`` parses ``--calib`` and reads the source; here its samples become
 model inputs (``calibration_from``):
 
-- demo scenes (the default for a vision-language model: ``demo:multi+grid``, sample
+- real text with images (``pydoc+images``, the default for a vision-language model whose
+  tokenizer reads English): each sample's images, then as much pydoc text as reaches
+  ``seq_len`` tokens;
+- demo scenes (the default for the demo model, whose vocabulary is closed: ``demo:multi+grid``, sample
   i of ``multi`` / ``grid`` alternately; ``demo:multi`` or ``demo:grid`` for one kind),
   with as many images (grid cells) as it takes to reach ``seq_len`` tokens in the
   model's own prompt format, each image after its label (a few images, and a short
@@ -112,17 +115,33 @@ def calibration_from(loaded, calib: str | Path | None = None, samples: int = 4, 
     from vlsparse.memory import check_sequence_fits
 
     check_sequence_fits(loaded, seq_len, option=param("seq_len"))
-    source = parse_calib(calib, vlm=loaded.adapter.is_vlm, default_tasks=DEMO_TASKS, demo_tasks=DEMO_TASKS)
-    data = read_calib(source, samples, seed, n_images=demo_images(loaded, seq_len) if source.kind == "demo" else 1)
+    from vlsparse.models.processors import reads_english
+
+    vlm = loaded.adapter.is_vlm
+    source = parse_calib(calib, vlm=vlm, default_tasks=DEMO_TASKS, demo_tasks=DEMO_TASKS,
+                         real_text=vlm and reads_english(loaded.processor))
+    data = read_calib(source, samples, seed, n_images=demo_images(loaded, seq_len) if source.kind == "demo" else 1,
+                      text_chars=6 * seq_len)
     if data.text is not None:
         return text_calibration(loaded, data.text, source.name, samples, seq_len, seed)
     out: list[CalibSample] = []
     for item in data.items:
-        if item.is_text:
+        if source.kind == "mixed":
+            out.append(sized_sample(loaded, item, seq_len))
+        elif item.is_text:
             out.append(text_calibration(loaded, item.text, item.name, 1, seq_len, seed).samples[0])
         else:
             out.append(CalibSample(name=item.name, images=item.images, prompt=item.prompt, labels=item.labels))
     return CalibrationSet(source=source.name, samples=out, seq_len=seq_len, seed=seed)
+
+
+def sized_sample(loaded, item, seq_len: int) -> CalibSample:
+    """A pydoc+images item as one sample of about ``seq_len`` tokens: its images, then as much of its text as
+    the images leave room for (at least 64 tokens)."""
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    image_tokens = int(prepare_sample(loaded, CalibSample("probe", item.images, "."))["input_ids"].shape[1])
+    ids = tokenizer(item.prompt, add_special_tokens=False)["input_ids"][: max(64, seq_len - image_tokens)]
+    return CalibSample(name=item.name, images=item.images, prompt=tokenizer.decode(ids))
 
 
 def prepare_sample(loaded, sample: CalibSample) -> dict[str, Any]:

@@ -2,10 +2,17 @@
 
 Sources (``parse_calib``), with the source string a profile records:
 
-- none: demo scenes for a vision-language model, of the command's default tasks
-  (``prune``: ``demo:vqa``; ``profile`` and ``calibrate``: ``demo:multi+grid``);
-  for a text-only model, CPython's pydoc topics (``pydoc``: the calibration part
-  of ``vlsparse.perplexity.pydoc_text``, disjoint from its held-out text);
+- none: for a vision-language model whose tokenizer reads English (``real_text``), real
+  text with images (``pydoc+images``, below); for one that does not (the demo model's
+  closed vocabulary), demo scenes of the command's default tasks (``prune``: ``demo:vqa``;
+  ``profile`` and ``calibrate``: ``demo:multi+grid``); for a text-only model, CPython's
+  pydoc topics (``pydoc``: the calibration part of ``vlsparse.perplexity.pydoc_text``,
+  disjoint from its held-out text);
+- ``pydoc+images``: sample ``i`` holds ``IMAGE_COUNTS[i % 3]`` demo scenes drawn at
+  ``IMAGE_SIDES[(i // 3) % 3]`` px (so a processor that resizes or tiles by resolution shows
+  its small, middle and large layouts), then consecutive pydoc calibration paragraphs from a
+  seeded start as the prompt, the next paragraph as the answer: the model's language layers
+  see real English, not the demo's synthetic vocabulary;
 - ``demo:TASK`` or ``demo:TASK+TASK``: demo scenes (``vlsparse.demo.scenes``) of the
   tasks the command takes (``demo:multi+grid``; vision-language models only);
 - ``FILE.jsonl``: image-text entries (an optional ``answer``) or text entries, in the
@@ -38,13 +45,19 @@ DEMO_SEED_BASES = {"vqa": ("train", 900_000_000), "multi": ("eval", 500_000_000)
 evaluation use most."""
 
 NOT_FOUND_HINT = "pass a .jsonl, a .txt file or a folder of .txt files"
+TEXT_AND_IMAGES = "pydoc+images"
+IMAGE_SIDES = (224, 448, 896)
+"""Sides in px of the images of ``pydoc+images``, in turn (see the module docstring)."""
+IMAGE_COUNTS = (1, 2, 3)
+TEXT_CHARS = 2400
+"""Characters of pydoc text per ``pydoc+images`` prompt (about 600 tokens), unless a command asks for more."""
 
 
 @dataclass(frozen=True)
 class CalibSource:
     """A parsed ``--calib`` for one model: what to read, and the string the profile records."""
 
-    kind: str  # "demo", "pydoc", "jsonl", "file" (plain text) or "folder" (of .txt files)
+    kind: str  # "demo", "mixed" (pydoc+images), "pydoc", "jsonl", "file" (plain text) or "folder" (of .txt files)
     name: str
     path: Path | None = None
     tasks: tuple[str, ...] = ()
@@ -86,16 +99,24 @@ def is_demo(calib: str | Path | None) -> bool:
 
 
 def parse_calib(calib: str | Path | None, *, vlm: bool, default_tasks: tuple[str, ...],
-                demo_tasks: tuple[str, ...] = ()) -> CalibSource:
+                demo_tasks: tuple[str, ...] = (), real_text: bool = False) -> CalibSource:
     """The source ``calib`` names for a model (``vlm``: it reads images), or a one-line ``InputError``.
 
-    ``default_tasks``: the demo tasks used without ``calib`` (vision-language models);
+    ``default_tasks``: the demo tasks used without ``calib`` by a vision-language model that does not
+    read English (``real_text`` False: the demo model); one that does gets ``pydoc+images``;
     ``demo_tasks``: the ones ``calib`` may name as ``demo:...``.
     """
     if calib is None:
+        if vlm and real_text:
+            return CalibSource("mixed", TEXT_AND_IMAGES)
         if vlm:
             return CalibSource("demo", f"demo:{'+'.join(default_tasks)}", tasks=tuple(default_tasks))
         return CalibSource("pydoc", "pydoc", vlm=False)
+    if str(calib) == TEXT_AND_IMAGES:
+        if not vlm:
+            raise InputError(f"{param('calib', TEXT_AND_IMAGES)} needs a vision-language model",
+                             f"drop {param('calib')}: text models calibrate on pydoc text")
+        return CalibSource("mixed", TEXT_AND_IMAGES)
     if is_demo(calib):
         tasks = tuple(t for t in str(calib).split(":", 1)[1].split("+") if t)
         if not tasks or any(t not in demo_tasks for t in tasks):
@@ -118,13 +139,17 @@ def parse_calib(calib: str | Path | None, *, vlm: bool, default_tasks: tuple[str
     return CalibSource("file", f"text:{path.name}", path, vlm=vlm)
 
 
-def read_calib(source: CalibSource, samples: int | None = None, seed: int = 0, n_images: int = 1) -> CalibData:
+def read_calib(source: CalibSource, samples: int | None = None, seed: int = 0, n_images: int = 1,
+               text_chars: int = TEXT_CHARS) -> CalibData:
     """What ``source`` holds: ``samples`` demo scenes (``n_images`` images or grid cells each, for
-    ``multi`` and ``grid``), the first ``samples`` JSONL entries (all if None), or the plain text."""
+    ``multi`` and ``grid``), ``samples`` pydoc+images prompts (``text_chars`` characters of text each),
+    the first ``samples`` JSONL entries (all if None), or the plain text."""
+    if source.kind in ("demo", "mixed") and samples is None:
+        raise ValueError(f"{source.name} calibration needs a number of samples")
     if source.kind == "demo":
-        if samples is None:
-            raise ValueError("demo calibration needs a number of samples")
         return CalibData(source, demo_items(source.tasks, samples, seed, n_images))
+    if source.kind == "mixed":
+        return CalibData(source, text_image_items(samples, seed, text_chars))
     if source.kind == "jsonl":
         return CalibData(source, jsonl_items(source.path, samples, source.vlm))
     return CalibData(source, text=read_text(source))
@@ -157,6 +182,33 @@ def jsonl_items(path: Path, limit: int | None, vlm: bool = True) -> list[CalibIt
         raise InputError(f"{bad.where} has images, which a text-only model cannot read",
                          "use text lines, or a vision-language model")
     return [CalibItem(e.where, [load_image(p) for p in e.images], e.prompt, e.answer, text=e.text) for e in entries]
+
+
+def text_image_items(samples: int, seed: int, text_chars: int = TEXT_CHARS) -> list[CalibItem]:
+    """``samples`` pydoc+images prompts (see the module docstring)."""
+    import random
+
+    from PIL import Image
+
+    from vlsparse.demo import scenes
+    from vlsparse.perplexity import pydoc_text
+
+    paragraphs = pydoc_text("calib").split("\n\n")
+    out = []
+    for i in range(samples):
+        number = demo_seed_base("vqa") + seed + i
+        rng = random.Random(f"{TEXT_AND_IMAGES}:{number}")
+        side = IMAGE_SIDES[(i // len(IMAGE_COUNTS)) % len(IMAGE_SIDES)]
+        images = [scenes.sample("vqa", scenes.sample_rng("vqa", number * 8 + j)).model_images()[0][0]
+                  .resize((side, side), Image.BICUBIC) for j in range(IMAGE_COUNTS[i % len(IMAGE_COUNTS)])]
+        at = rng.randrange(len(paragraphs))
+        text: list[str] = []
+        while sum(len(p) + 2 for p in text) < text_chars:
+            text.append(paragraphs[at % len(paragraphs)])
+            at += 1
+        out.append(CalibItem(f"{TEXT_AND_IMAGES}-{number}", images, "\n\n".join(text),
+                             paragraphs[at % len(paragraphs)][:400]))
+    return out
 
 
 def demo_seed_base(task: str) -> int:
