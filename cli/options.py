@@ -23,8 +23,10 @@ CalibOpt = Annotated[
     typer.Option("--calib", show_default=False,
                  help="Calibration data: JSONL, one {\"images\": [...], \"prompt\": ...} (or \"image\") or "
                       "{\"text\": ...} per line, paths relative to the file; a .txt file or a folder of them "
-                      "(prune: text models only); profile and calibrate also take demo:multi / demo:grid (one "
-                      "demo task only) [default: demo scenes for VLMs, pydoc text for LMs]."),
+                      "(prune: text models only); pydoc+images (real pydoc text after demo scenes at 224-896 "
+                      "px); profile and calibrate also take demo:multi / demo:grid (one demo task only) [default: "
+                      "pydoc+images for a VLM whose tokenizer reads English, demo scenes for the demo model, pydoc "
+                      "text for LMs]."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")]
