@@ -91,7 +91,7 @@ def test_bench_attention_runs_under_load_and_times_flex_in_the_same_rows(monkeyp
         # unrounded times) agree with them only that far
         assert row["flex_speedup"] == pytest.approx(row["dense_ms"] / row["flex_ms"], rel=0.3, abs=0.05)
         assert row["sparse_vs_flex"] == pytest.approx(row["flex_ms"] / row["sparse_ms"], rel=0.3, abs=0.05)
-        assert row["flex_efficiency"] == pytest.approx(row["flex_speedup"] * row["density"], rel=0.05, abs=1e-3)
+        assert row["flex_efficiency"] == pytest.approx(row["flex_speedup"] * row["density"], rel=0.05, abs=5e-3)
     header = bench.format_table(rows).splitlines()[0].split()
     assert header[:8] == ["seq", "pattern", "density", "load", "dense_ms", "sparse_ms", "flex_ms", "speedup"]
     assert {"flex_speedup", "sparse_vs_flex", "efficiency", "flex_efficiency"} <= set(header)
