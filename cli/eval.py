@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, KVParamOpt, ModelOpt, QuietOpt,
-                                  SeedOpt, parse_params)
+from vlsparse.cli.options import (AllowPickleOpt, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, KVParamOpt, ModelOpt,
+                                  QuietOpt, RecallGuardOpt, SeedOpt, parse_params)
 from vlsparse.cli.quiet import quiet_transformers
 
 DEMO_TASKS = {"demo-vqa": "vqa", "demo-multi": "multi", "demo-grid": "grid", "demo-long": "long",
@@ -124,10 +124,8 @@ def eval_command(
         "--profile", help="Also answer with this profile's sparse attention and token reduction; report them "
                           "next to dense.",
         show_default=False)] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Sparse kernels (with --profile): auto, triton, torch or flex (compiled flex_attention).")] = "auto",
-    recall_guard: Annotated[bool, typer.Option(
-        "--recall-guard", help="With --profile: measure each head's recall on the prompt's last block; heads under "
-                               "the profile's target run dense for that prompt. Reports fallbacks per sample.")] = False,
+    backend: BackendOpt = "auto",
+    recall_guard: RecallGuardOpt = False,
     kv: Annotated[Optional[str], typer.Option(
         "--kv", help="Decode the answers with this KV cache method (fp, uniform, zipvl, snapkv) [default: "
                      "transformers' own cache].", show_default=False)] = None,

@@ -54,6 +54,11 @@ KVOpt = Annotated[Optional[str], typer.Option(
 KVParamOpt = Annotated[Optional[list[str]], typer.Option(
     "--kv-param", show_default=False,
     help="A KV method parameter NAME=VALUE (repeatable), e.g. bits=2 or budget=0.25.")]
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", help="Sparse kernels: auto, triton, torch or flex (compiled flex_attention).")]
+RecallGuardOpt = Annotated[bool, typer.Option(
+    "--recall-guard", help="Measure each head's recall on the prompt's last block; heads under the profile's "
+                           "target run dense for that prompt (counted in the summary).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace outputs that exist, if vlsparse wrote them "
                                                         "(never another file or folder, never an input).")]
 

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from vlsparse.cli.quiet import quiet_transformers
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, KVOpt, KVParamOpt, MaxMemoryOpt,
-                                  ModelOpt, OffloadFolderOpt, QuietOpt, TrustRemoteCodeOpt, offload_folder_for,
-                                  parse_params, say_offload)
+from vlsparse.cli.options import (AllowPickleOpt, BackendOpt, DeviceOpt, DtypeOpt, JsonOpt, KVOpt, KVParamOpt,
+                                  MaxMemoryOpt, ModelOpt, OffloadFolderOpt, QuietOpt, RecallGuardOpt,
+                                  TrustRemoteCodeOpt, offload_folder_for, parse_params, say_offload)
 
 HELP = """Answer a QUESTION about one or more images with the model's own prompt format.
 
@@ -79,10 +79,8 @@ def run(
         show_default=False)] = None,
     dense_only: Annotated[bool, typer.Option("--dense", help="Ignore any profile: dense attention.")] = False,
     compare: Annotated[bool, typer.Option("--compare", help="Also run dense; report prefill speedup.")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="Sparse kernels: auto, triton, torch or flex (compiled flex_attention).")] = "auto",
-    recall_guard: Annotated[bool, typer.Option(
-        "--recall-guard", help="Measure each head's recall on the prompt's last block; heads under the profile's "
-                               "target run dense for this prompt.")] = False,
+    backend: BackendOpt = "auto",
+    recall_guard: RecallGuardOpt = False,
     core: Annotated[Optional[bool], typer.Option(
         "--core/--no-core", help="Core neurons and core tokens from the profile's `core` section "
                                  "[default: on when the profile has one].", show_default=False)] = None,

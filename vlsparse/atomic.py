@@ -148,7 +148,8 @@ def _temp_pattern(name: str) -> re.Pattern:
     return re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+\.(tmp|old)$")
 
 
-def _alive(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts; a zombie too)."""
     if pid == os.getpid():
         return True
     try:
@@ -170,7 +171,7 @@ def sweep_stale(path: str | os.PathLike) -> list[Path]:
         return removed
     for sibling in siblings:
         match = pattern.match(sibling.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_exists(int(match.group(1))):
             if sibling.is_dir() and not sibling.is_symlink():
                 shutil.rmtree(sibling, ignore_errors=True)
             else:

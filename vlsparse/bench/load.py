@@ -17,7 +17,6 @@ closed write end (stop, or death) ends the loop.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,12 +125,10 @@ def _wait_started(load: BusyProcesses, timeout: float) -> None:
 
 def alive(pid: int) -> bool:
     """Whether process ``pid`` exists and is not a zombie (Linux ``/proc``; elsewhere any existing pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    from vlsparse.atomic import pid_exists
+
+    if not pid_exists(pid):
         return False
-    except PermissionError:
-        return True
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
