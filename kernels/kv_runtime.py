@@ -4,8 +4,8 @@
 pre-hook to the model: at each prefill (an empty ``DynamicCache``) it puts a vlsparse layer in place
 of every full-attention layer of that cache (``compat.replace_full_attention_layers``):
 ``InPlaceLayer`` for ``fp``, else a ``CompressedLayer`` with the method (``vlsparse.kv.cache``).
-Sliding-window layers, a static or quantised cache from the caller, and calls without a cache are
-left as they are.
+Sliding-window layers, layers attending elsewhere (Mllama's cross-attention, whose cache holds the
+image), a static or quantised cache from the caller, and calls without a cache are left as they are.
 
 Compressed layers hand the attention function a ``KVHandle``; the ``"vlsparse"`` attention function
 (``vlsparse.kernels.runtime``) passes it to ``vlsparse.kv.cache.attend_handle``: at prefill, the attention runs on the
@@ -70,7 +70,7 @@ class KVRuntime:
         return out
 
 
-def _prefill_hook(runtime: KVRuntime, adapter, num_layers: int):
+def _prefill_hook(runtime: KVRuntime, adapter, num_layers: int, self_attention: set[int]):
     def hook(module, args, kwargs):
         cache = cache_of_call(kwargs)
         ids = kwargs.get("input_ids")
@@ -89,7 +89,7 @@ def _prefill_hook(runtime: KVRuntime, adapter, num_layers: int):
             runtime.layers.append(layer)
             return layer
 
-        compat.replace_full_attention_layers(cache, make, num_layers)
+        compat.replace_full_attention_layers(cache, make, num_layers, only=self_attention)
         return None
 
     return hook
@@ -103,7 +103,9 @@ def attach_kv(loaded, settings, token_runtime=None) -> KVRuntime:
     register_attention()
     setattr(loaded.model, KV_ATTR, runtime)
     loaded.model.set_attn_implementation(ATTENTION_NAME)
-    hook = _prefill_hook(runtime, loaded.adapter, loaded.adapter.num_layers)
+    adapter = loaded.adapter
+    self_attention = {i for i, layer in enumerate(adapter.lm_layers()) if adapter.self_attention(layer) is not None}
+    hook = _prefill_hook(runtime, adapter, adapter.num_layers, self_attention)
     runtime.handles.append(loaded.model.register_forward_pre_hook(hook, with_kwargs=True))
     return runtime
 

@@ -120,8 +120,10 @@ def cache_layer_base() -> type:
     return CacheLayerMixin
 
 
-def replace_full_attention_layers(cache: Any, make_layer: Callable[[int], Any], num_layers: int) -> list[int]:
-    """Put ``make_layer(i)`` in place of every plain full-attention layer ``i`` of an empty ``DynamicCache``.
+def replace_full_attention_layers(cache: Any, make_layer: Callable[[int], Any], num_layers: int,
+                                  only: set[int] | None = None) -> list[int]:
+    """Put ``make_layer(i)`` in place of every plain full-attention layer ``i`` of an empty ``DynamicCache``
+    (of those in ``only``, when given: e.g. not the cross-attention layers of Mllama, whose cache holds the image).
 
     Those are ``DynamicLayer`` instances (sliding-window, static, quantised and linear-attention layers
     are left alone); a cache that creates its layers on first use gets all ``num_layers`` now.
@@ -134,7 +136,7 @@ def replace_full_attention_layers(cache: Any, make_layer: Callable[[int], Any], 
         return []
     if not layers and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         layers.extend(DynamicLayer() for _ in range(num_layers))
-    replaced = [i for i, layer in enumerate(layers) if type(layer) is DynamicLayer]
+    replaced = [i for i, layer in enumerate(layers) if type(layer) is DynamicLayer and (only is None or i in only)]
     for i in replaced:
         layers[i] = make_layer(i)
     return replaced

@@ -97,6 +97,9 @@ class CompressedLayer(_Base):
     def __init__(self, method, params: dict[str, Any], image_mask: Callable[[int], Tensor | None]) -> None:
         super().__init__()
         self.method, self.params, self.image_mask = method, params, image_mask
+        # transformers reads ``keys`` of every layer in places (Mllama asks each layer whether it caches
+        # cross-attention states): an empty placeholder; the store holds the tokens
+        self.keys = self.values = torch.empty(0)
         self.store: CompressedStore | None = None
         self.plain: InPlaceLayer | None = None  # a batch of several sequences: kept in place, uncompressed
         self.seen = 0
