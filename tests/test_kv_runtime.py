@@ -204,3 +204,25 @@ def test_calibrate_says_replacing_only_when_the_section_was_there(llava_dir, tmp
     second = runner.invoke(build_app(), [*common, "--kv", "fp", "--profile", str(out), "--out", str(out), "--force"])
     assert second.exit_code == 0, second.output
     assert "replacing the kv section" in second.output
+
+
+def test_kv_after_token_reduction_sees_the_survivors(llava, prompt):
+    from vlsparse.kernels.token_runtime import attach_tokens, detach_tokens
+    from vlsparse.profile.tokens import resolve_settings
+
+    tokens = attach_tokens(llava, resolve_settings("fastv", 0.5, llava.adapter.num_layers, {"k": 1}))
+    runtime = attach_kv(llava, resolve_kv("snapkv", {"budget": 0.5, "window": 8}), tokens)
+    try:
+        sequences, logits = generate(llava, prompt)
+    finally:
+        detach_kv(llava, runtime)
+        detach_tokens(llava, tokens)
+    n = prompt["input_ids"].shape[1]
+    image = int((prompt["input_ids"][0] == llava.adapter.image_token_id).sum())
+    first, second = (layer.plan_summary for layer in runtime.layers)
+    assert first["prompt"] == n  # layer 0 holds the whole prompt; fastv drops half the image tokens after it
+    assert second["prompt"] == n - image + round(0.5 * image)
+    # each layer keeps half of the image tokens it holds, and all its text
+    assert first["kept"] == n - image + round(0.5 * image)
+    assert second["kept"] == (n - image) + round(0.5 * round(0.5 * image))
+    assert torch.isfinite(logits).all()
