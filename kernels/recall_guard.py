@@ -3,8 +3,14 @@
 The prompt's last query block is the one that predicts the answer, and its exact attention is
 cheap to compute (at most ``block_size`` rows against every key). For each head, the share of
 that attention the head's index lists cover (its *recall* there) is measured on the actual
-prompt; a head under the profile's tail target (else its recall target) was calibrated on
-prompts unlike this one, and runs dense for this prompt instead of losing the attention.
+prompt; a head under its target was calibrated on prompts unlike this one, and runs dense for
+this prompt instead of losing the attention.
+
+The target (``head_targets``): without a dense tail, the profile's tail target (else its recall
+target), which the search required of every head's last block. With a dense tail the search
+required nothing of the pattern there (that block runs dense), so the target is what the head's
+own pattern kept of the calibration prompts' last blocks (``tail_recall_min``, their minimum) less
+``MARGIN``: a head falls back when this prompt is clearly worse for it than calibration was.
 """
 
 from __future__ import annotations
@@ -14,39 +20,61 @@ from torch import Tensor
 
 from vlsparse.kernels.indices import SparseIndex
 
+MARGIN = 0.1
+"""How far under its calibrated last-block recall a dense-tail head may fall before it runs dense."""
+ROW_STRIDE = 4
+"""The guard reads every 4th row of the last query block (16 of 64)."""
+
+
+def head_targets(attention, heads) -> Tensor:
+    """[H] the recall each query head of one layer must keep on the last block (see the module docstring);
+    ``attention``: the profile's ``AttentionProfile``, ``heads``: that layer's ``HeadProfile`` list."""
+    if attention.dense_tail:
+        return torch.tensor([max(0.0, h.tail_recall_min - MARGIN) for h in heads])
+    target = attention.tail_recall_target if attention.tail_recall_target is not None else attention.recall_target
+    return torch.full((len(heads),), float(target))
+
 
 def last_block_keys(index: SparseIndex, n: int) -> Tensor:
     """Boolean [B, H, N]: the keys the last query block's lists name (windows and columns)."""
-    b, h, _ = index.block_count.shape
-    keys = torch.arange(n, device=index.block_offset.device)
-    allowed = torch.zeros(b, h, n, dtype=torch.bool, device=keys.device)
-    for bi in range(b):
-        for hi in range(h):
-            offsets = index.block_offset[bi, hi, -1, : int(index.block_count[bi, hi, -1])].long()
-            if offsets.numel():
-                inside = (keys[None, :] >= offsets[:, None]) & (keys[None, :] < offsets[:, None] + index.block_size)
-                allowed[bi, hi] |= inside.any(0)
-            columns = index.column_index[bi, hi, -1, : int(index.column_count[bi, hi, -1])].long()
-            allowed[bi, hi, columns] = True
-    return allowed
+    size = index.block_size
+    device = index.block_offset.device
+    counts, offsets = index.block_count[:, :, -1], index.block_offset[:, :, -1].long()  # [B, H], [B, H, W]
+    listed = (torch.arange(offsets.shape[-1], device=device) < counts[..., None]).float()
+    edges = torch.zeros(*counts.shape, n + 1, device=device)  # +1 where a window starts, -1 where it ends
+    edges.scatter_add_(2, offsets.clamp(0, n), listed)
+    edges.scatter_add_(2, (offsets + size).clamp(0, n), -listed)
+    allowed = edges.cumsum(-1)[..., :n] > 0.5
+    columns = index.column_index[:, :, -1].long()
+    named = (torch.arange(columns.shape[-1], device=device) < index.column_count[:, :, -1, None]).float()
+    hits = torch.zeros(*counts.shape, n + 1, device=device).scatter_add_(2, columns.clamp(0, n), named)
+    return allowed | (hits[..., :n] > 0.5)
 
 
-def last_block_recall(query: Tensor, key: Tensor, index: SparseIndex, scale: float) -> Tensor:
+def last_block_recall(query: Tensor, key: Tensor, index: SparseIndex, scale: float, stride: int = ROW_STRIDE
+                      ) -> Tensor:
     """[H]: each query head's causal attention mass inside its lists over the last query block's rows
-    (mean over rows, lowest over the batch). ``query`` [B, H, N, D], ``key`` [B, Hkv, N, D]."""
-    b, h, n, _ = query.shape
+    (mean over rows, lowest over the batch). ``query`` [B, H, N, D], ``key`` [B, Hkv, N, D]: each KV head
+    is read once for its query heads, not repeated. Every ``stride``-th row of the block is read (counted
+    back from the last row), when that still leaves 16 rows or more: an estimate at a quarter of the cost."""
+    b, h, n, d = query.shape
+    heads = key.shape[1]
     start = (n - 1) // index.block_size * index.block_size
-    keys = key.repeat_interleave(h // key.shape[1], dim=1).float()
-    scores = query[:, :, start:].float() @ keys.transpose(-1, -2) * scale  # [B, H, R, N]
-    rows = torch.arange(start, n, device=query.device)[:, None]
-    scores = scores.masked_fill(torch.arange(n, device=query.device)[None, :] > rows, float("-inf"))
+    step = stride if (n - start) // stride >= 16 else 1
+    positions = torch.arange(n - 1, start - 1, -step, device=query.device).flip(0)
+    rows = positions.numel()
+    q = query[:, :, positions].float().reshape(b, heads, h // heads * rows, d)
+    scores = (q @ key.float().transpose(-1, -2)).mul_(scale).view(b, h, rows, n)
+    later = torch.arange(start, n, device=query.device)[None, :] > positions[:, None]  # [rows, n - start]
+    scores[..., start:].masked_fill_(later, float("-inf"))
     probs = scores.softmax(-1)
-    inside = (probs * last_block_keys(index, n)[:, :, None, :]).sum(-1)  # [B, H, R]
+    inside = torch.einsum("bhrn,bhn->bhr", probs, last_block_keys(index, n).to(probs.dtype))
     return inside.mean(-1).min(0).values
 
 
-def heads_to_fall_back(recall: Tensor, target: float) -> list[int]:
-    """The heads whose recall on this prompt is under ``target``."""
+def heads_to_fall_back(recall: Tensor, target: float | Tensor) -> list[int]:
+    """The heads whose recall on this prompt is under ``target`` (one for all, or one per head)."""
+    target = torch.as_tensor(target, dtype=recall.dtype, device=recall.device)
     return [int(h) for h in (recall < target).nonzero().flatten()]
 
 

@@ -181,10 +181,9 @@ def _attention(module, query, key, value, attention_mask, **kwargs) -> tuple[tor
                         block_size=att.block_size, last_q=att.last_q)
     fallback: list[int] = []
     if runtime.guard:  # heads whose lists miss too much of this prompt's last-block attention run dense
-        from vlsparse.kernels.recall_guard import heads_to_fall_back, last_block_recall
+        from vlsparse.kernels.recall_guard import head_targets, heads_to_fall_back, last_block_recall
 
-        target = att.tail_recall_target if att.tail_recall_target is not None else att.recall_target
-        fallback = heads_to_fall_back(last_block_recall(query, key, index, scale), target)
+        fallback = heads_to_fall_back(last_block_recall(query, key, index, scale), head_targets(att, heads))
     if att.dense_tail:
         index = with_dense_tail(index, n)
     runtime.calls.append(LayerCall(layer, n, index, fallback))

@@ -77,8 +77,8 @@ def evaluate_static(tile_masses: list[torch.Tensor], lengths: list[int], select:
     The stored mask (``nb x nb`` tiles, the calibration length) is chosen from all
     samples. With two or more samples each sample is scored with a mask chosen
     from the *other* samples (leave-one-out), so the recall is not in-sample.
-    Returns ``(mask, recalls, densities, tails)`` (``tails``: recall over each sample's last
-    query block), or a list of them when ``select`` is a list. ``dense_tail``: each sample's
+    Returns ``(mask, recalls, densities, tails)`` (``tails``: the mask's own recall over each sample's
+    last query block, also with ``dense_tail``), or a list of them when ``select`` is a list. ``dense_tail``: each sample's
     last query block keeps every causal tile (the stored mask is unchanged; the runtime adds it).
     """
     selects = select if isinstance(select, (list, tuple)) else [select]
@@ -93,11 +93,11 @@ def evaluate_static(tile_masses: list[torch.Tensor], lengths: list[int], select:
         for mass, n, others in zip(tile_masses, lengths, held_out):
             nbs = mass.shape[0]
             tiles = resize_tile_mask(static_tiles(others, share), nbs)
+            tails.append(float((mass[-1] * tiles[-1]).sum()) / (n - (nbs - 1) * BLOCK))  # the mask's own
             if dense_tail:
                 tiles = tiles.clone()
                 tiles[-1] = True
             recalls.append(float((mass * tiles).sum()) / n)
             densities.append(float(tiles.sum()) / (nbs * (nbs + 1) / 2))
-            tails.append(float((mass[-1] * tiles[-1]).sum()) / (n - (nbs - 1) * BLOCK))
         out.append((mask, recalls, densities, tails))
     return out if isinstance(select, (list, tuple)) else out[0]

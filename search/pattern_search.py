@@ -110,7 +110,9 @@ class PatternSearch:
             row = []
             for head in range(self.num_heads):
                 scored, static_masks = self.scored(layer, head, n_cal)
-                best = choose(scored, target, tie_density=tie_density, min_gain=min_gain, tail_target=tail_target)
+                # with a dense tail the last block runs dense: the pattern's own tail recall is recorded, not required
+                best = choose(scored, target, tie_density=tie_density, min_gain=min_gain,
+                              tail_target=0.0 if self.dense_tail else tail_target)
                 if is_offline(best.candidate):
                     masks[(layer, head)] = static_masks[best.candidate]
                 row.append(best)

@@ -20,7 +20,8 @@ each query block ``qb`` (first row ``r0 = 64 qb``):
 - ``column_mass[h, qb, c]``: mass of key column ``columns[h, c]`` (vertical lines);
 - ``tail_window_mass[h, p]``: ``window_mass`` of the last query block alone.
 
-Besides the mean over all rows, ``layout_scores`` gives the *tail recall*: the mean
+Besides the mean over all rows, ``layout_scores`` gives the *tail recall* (the pattern's own, also
+under ``dense_tail``): the mean
 kept mass over the rows of the last query block. In a VLM prompt those rows hold the
 question and the row that predicts the answer; they are a few dozen of thousands, so
 the overall mean hardly sees them, yet a layout that cuts them off from the image
@@ -256,8 +257,10 @@ def _block_costs(layout: Layout, nb: int, block: int, covered: torch.Tensor | No
 def layout_scores(stats: TileStats, head: int, layout: Layout, causal: torch.Tensor | None = None
                   ) -> tuple[float, float, float]:
     """``(recall, density, tail recall)`` of ``layout`` for ``head``: exact mean kept mass over all
-    query rows, the kept share of the dense causal block layout, and the exact mean kept mass
-    over the rows of the last query block (1 with ``dense_tail``)."""
+    query rows, the kept share of the dense causal block layout, and the exact mean mass the
+    pattern itself keeps over the rows of the last query block. With ``dense_tail`` that block
+    runs dense, so the recall counts its rows whole; the tail recall still says what the pattern
+    alone keeps there (what the runtime's recall guard compares a prompt against)."""
     n, block = stats.n, stats.block
     nb = num_blocks(n, block)
     last = nb - 1
@@ -284,7 +287,6 @@ def layout_scores(stats: TileStats, head: int, layout: Layout, causal: torch.Ten
     rows_last = n - last * block
     if layout.dense_tail:  # the last block's rows keep all their mass
         kept += rows_last - tail
-        tail = float(rows_last)
     density = float(units.sum() + singles.sum() / block) / (nb * (nb + 1) / 2)
     return kept / n, density, tail / rows_last
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -68,3 +69,51 @@ def test_run_reports_the_heads_the_guard_sent_dense(llava_dir, image_file, tmp_p
     heads = loaded.adapter.num_heads * loaded.adapter.num_layers
     assert report["recall_guard"] == {"heads_dense": heads, "heads_checked": heads}
     assert "recall guard: " in report["attention"]
+
+
+def test_dense_tail_heads_are_held_to_their_own_calibrated_tail_recall():
+    from types import SimpleNamespace
+
+    from vlsparse.kernels.recall_guard import MARGIN, head_targets
+
+    heads = [HeadProfile("a_shape", {"sink": 0.05, "local": 0.1}, tail_recall_min=0.8),
+             HeadProfile("a_shape", {"sink": 0.05, "local": 0.1}, tail_recall_min=0.3)]
+    dense_tail = SimpleNamespace(dense_tail=True, tail_recall_target=0.95, recall_target=0.95)
+    targets = head_targets(dense_tail, heads)
+    assert torch.allclose(targets, torch.tensor([0.8 - MARGIN, 0.3 - MARGIN]))
+    # this prompt: head 0 keeps 0.65 of its last block (under 0.7: worse than calibration), head 1 keeps 0.25
+    # (as poor as calibration already was: the dense tail covers it)
+    assert heads_to_fall_back(torch.tensor([0.65, 0.25]), targets) == [0]
+    plain = SimpleNamespace(dense_tail=False, tail_recall_target=0.9, recall_target=0.95)
+    assert torch.allclose(head_targets(plain, heads), torch.tensor([0.9, 0.9]))  # without a dense tail: its tail target
+
+
+def test_the_search_records_each_heads_own_tail_recall_under_a_dense_tail(llava):
+    from vlsparse.search.api import profile_model
+    from vlsparse.search.calibration import calibration_from
+
+    calibration = calibration_from(llava, None, samples=2, seq_len=256)
+    with_tail = profile_model(llava, calibration, threads=1, dense_tail=True)
+    without = profile_model(llava, calibration, threads=1, dense_tail=False, tail_recall=0.0)
+    own = [h.tail_recall_min for layer in with_tail.attention.layers for h in layer]
+    assert min(own) < 1.0  # the pattern's own, not the dense block's 1.0
+    for a, b in zip((h for layer in with_tail.attention.layers for h in layer),
+                    (h for layer in without.attention.layers for h in layer)):
+        if (a.pattern, a.budget) == (b.pattern, b.budget) and a.mask is None:
+            assert a.tail_recall_min == pytest.approx(b.tail_recall_min, abs=1e-6)  # the same pattern, the same tail
+
+
+def test_every_fourth_row_estimates_the_whole_blocks_recall():
+    g = torch.Generator().manual_seed(0)
+    n = 1000  # the last block holds rows 960..999: 40 rows, too few to thin out; 1024 + 40 rows: 64
+    for length, thinned in ((n, False), (1024 + 64, True)):
+        q, k = torch.randn(1, 4, length, 16, generator=g), torch.randn(1, 2, length, 16, generator=g)
+        nb = -(-length // 64)
+        mask = (torch.rand(1, 4, nb, nb, generator=g) < 0.3) | torch.eye(nb, dtype=torch.bool)
+        index = block_mask_index(mask.tril(), length)
+        whole = last_block_recall(q, k, index, 0.25, stride=1)
+        estimate = last_block_recall(q, k, index, 0.25)
+        if thinned:
+            assert not torch.equal(whole, estimate) and torch.allclose(whole, estimate, atol=0.05)
+        else:
+            assert torch.equal(whole, estimate)
