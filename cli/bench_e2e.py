@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from vlsparse.cli.errors import friendly_errors
-from vlsparse.cli.options import DeviceOpt, JsonOpt, ModelOpt, QuietOpt, SeedOpt
+from vlsparse.cli.options import DeviceOpt, JsonOpt, ModelOpt, QuietOpt, RecallGuardOpt, SeedOpt
 from vlsparse.cli.quiet import quiet_transformers
 
 E2E_HELP = """Dense vs sparse attention vs core tokens vs core neurons vs token reduction vs KV cache methods vs
@@ -65,6 +65,7 @@ def e2e_command(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed speed rounds (configurations take turns).",
                                          min=1)] = 3,
     threads: Annotated[int, typer.Option("--threads", help="torch threads (0: torch's default).", min=0)] = 0,
+    recall_guard: RecallGuardOpt = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
@@ -80,5 +81,6 @@ def e2e_command(
     with quiet_transformers():
         rows = bench_e2e(model or "demo", task=task, n=n, seed=seed, profile=profile, pruned=pruned,
                          configs=[c.strip() for c in configs.split(",") if c.strip()], speed_prompts=speed_prompts,
-                         decode_tokens=decode_tokens, repeats=repeats, device=device, progress=say)
+                         decode_tokens=decode_tokens, repeats=repeats, device=device, progress=say,
+                         recall_guard=recall_guard)
     typer.echo(json.dumps(rows, indent=2) if json_out else format_table(rows))

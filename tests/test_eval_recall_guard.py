@@ -62,3 +62,21 @@ def test_eval_recall_guard_counts_the_heads_that_fell_back_on_each_sample(llava_
 def test_eval_recall_guard_needs_a_profile_with_attention(llava_dir, tmp_path):
     result = runner.invoke(build_app(), ["eval", "--model", str(llava_dir), "--task", "demo-vqa", "--recall-guard"])
     assert result.exit_code == 1 and "--recall-guard" in result.stderr and "--profile" in result.stderr
+
+
+def test_bench_e2e_counts_the_heads_that_fell_back(llava_dir, tmp_path):
+    from vlsparse.bench.e2e import bench_e2e, format_table
+
+    loaded = load(llava_dir)
+    heads = loaded.adapter.num_heads * loaded.adapter.num_layers
+    common = dict(task="multi", n=2, configs=["dense", "sparse_attention"], speed_prompts=1, decode_tokens=2,
+                  repeats=1)
+    thin = _profile(loaded, tmp_path, "thin", 0.02)
+    rows = bench_e2e(llava_dir, profile=thin, recall_guard=True, **common)
+    sparse = rows[1]
+    assert sparse["heads_dense_per_prompt"] == heads and sparse["heads_dense_share"] == 1.0
+    assert "heads_dense_per_prompt" in format_table(rows)
+    wide = bench_e2e(llava_dir, profile=_profile(loaded, tmp_path, "wide", 1.0), recall_guard=True, **common)[1]
+    assert wide["heads_dense_per_prompt"] == 0 and wide["heads_dense_share"] == 0.0
+    plain = bench_e2e(llava_dir, profile=thin, **common)[1]
+    assert "heads_dense_per_prompt" not in plain

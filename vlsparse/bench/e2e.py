@@ -46,7 +46,10 @@ one a decode step):
 - ``peak_mib``: the largest growth of resident memory during one configuration's speed
   runs over its level just before (``malloc_trim``-ed first),
   sampled every 5 ms: an estimate of the working memory beyond the weights;
-- image tokens and core neurons kept, from the core/token runtime's stats on the last prompt.
+- image tokens and core neurons kept, from the core/token runtime's stats on the last prompt;
+- with ``recall_guard``: sparse attention runs with the recall guard (``vlsparse.kernels.recall_guard``),
+  and ``heads_dense_per_prompt`` / ``heads_dense_share`` count the heads it ran dense on each prompt of
+  the accuracy pass (mean, and share of the heads that could run sparse).
 """
 
 from __future__ import annotations
@@ -95,11 +98,15 @@ class _Stats:
     """The stats of the runtimes a configuration attached: core neurons from the core runtime, image tokens
     from the token runtime when there is one."""
 
-    def __init__(self, core, tokens, kv=None) -> None:
-        self.core, self.tokens, self.kv = core, tokens, kv
+    def __init__(self, core, tokens, kv=None, fell: list | None = None) -> None:
+        self.core, self.tokens, self.kv, self.fell = core, tokens, kv, fell
 
     def stats(self) -> dict[str, Any]:
         out = self.core.stats() if self.core is not None else {}
+        if self.fell is not None:
+            from vlsparse.kernels.recall_guard import fallback_summary
+
+            out["recall_guard"] = fallback_summary(self.fell)
         if self.kv is not None:
             out.update(self.kv.stats())
         if self.tokens is not None:
@@ -109,15 +116,16 @@ class _Stats:
         return out
 
 
-def _apply(config: str, loaded, profile, core_settings, token_settings=None, kv_section=None
+def _apply(config: str, loaded, profile, core_settings, token_settings=None, kv_section=None, guard: bool = False
            ) -> tuple[Callable[[], None], Any, str]:
-    """Switch ``config`` on; returns (undo, runtime stats or None, note)."""
+    """Switch ``config`` on; returns (undo, runtime stats or None, note). ``guard``: sparse attention runs with
+    the recall guard, and the stats count the heads that fell back on each prompt."""
     from vlsparse.kernels.core_runtime import attach_core, detach_core
     from vlsparse.kernels.runtime import attach, detach
     from vlsparse.kernels.token_runtime import attach_tokens, detach_tokens
 
     undo: list[Callable[[], None]] = []
-    sparse = core = tokens = kv = None
+    sparse = core = tokens = kv = fell = None
     notes = []
     if config in ("dense_static", "kv_quantized"):
         generation = loaded.model.generation_config
@@ -128,8 +136,18 @@ def _apply(config: str, loaded, profile, core_settings, token_settings=None, kv_
                     or setattr(generation, "cache_config", saved[1]))
     if config in ("sparse_attention", "combined"):
         if profile is not None and profile.attention is not None:
-            sparse = attach(loaded, profile)
+            sparse = attach(loaded, profile, guard=guard)
             undo.append(lambda: detach(loaded, sparse))
+            if guard:
+                fell = []
+
+                def count(module, args, kwargs, output) -> None:  # after each prefill: its heads that fell back
+                    ids = kwargs.get("input_ids")
+                    if ids is not None and ids.shape[-1] > 1 and sparse.calls:
+                        fell.append(sparse.fallbacks())
+
+                handle = loaded.model.register_forward_hook(count, with_kwargs=True)
+                undo.append(handle.remove)
         else:
             notes.append("no attention profile: dense attention")
     method = token_settings is not None and config in ("tokens", "combined")
@@ -158,7 +176,8 @@ def _apply(config: str, loaded, profile, core_settings, token_settings=None, kv_
             settings = choose_kv(kv_section if ours else None, method if not ours else None)
         kv = attach_kv(loaded, settings, tokens)
         undo.append(lambda: detach_kv(loaded, kv))
-    stats = _Stats(core, tokens, kv) if core is not None or tokens is not None or kv is not None else None
+    stats = (_Stats(core, tokens, kv, fell) if core is not None or tokens is not None or kv is not None
+             or fell is not None else None)
     return (lambda: [u() for u in reversed(undo)]), stats, "; ".join(notes)
 
 
@@ -166,7 +185,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
               profile: str | Path | None = None, pruned: str | Path | None = None,
               configs: Sequence[str] = E2E_CONFIGS, speed_prompts: int = 2, decode_tokens: int = 16,
               repeats: int = 3, device: str = "cpu", evaluate: Callable[..., dict] | None = None,
-              progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+              progress: Callable[[str], None] | None = None, recall_guard: bool = False) -> list[dict[str, Any]]:
     """One row per configuration (see the module docstring); ``dense`` always runs, first.
 
     ``evaluate(model, processor, task=, n=, seed=) -> {"n", "accuracy", "ci95"?}`` defaults
@@ -217,7 +236,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
         loaded = combined_model if config == "combined" else base
         say(f"{config}: accuracy on {n} {task} samples")
         clock = ForwardClock(keep_prompts=0 if prompts else speed_prompts)
-        undo, runtime, note = _apply(config, loaded, *profiles[config])
+        undo, runtime, note = _apply(config, loaded, *profiles[config], guard=recall_guard)
         handles = clock.attach(loaded.model)
         try:
             with torch.inference_mode():
@@ -226,6 +245,7 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
             for h in handles:
                 h.remove()
             undo()
+        guarded = runtime.stats().get("recall_guard") if runtime is not None else None
         prompts.extend(clock.prompts)
         notes = [note] if note else []
         if config == "combined" and loaded is base:
@@ -236,13 +256,17 @@ def bench_e2e(model: str | Path = "demo", *, task: str = "multi", n: int = 20, s
                         "accuracy": round(float(result["accuracy"]), 4) if result else None,
                         "ci95": [round(float(x), 4) for x in result["ci95"]] if result and "ci95" in result
                         else None, "note": "; ".join(notes)}
+        if guarded is not None:  # the accuracy pass's prompts: heads the guard ran dense, per prompt
+            rows[config]["heads_dense_per_prompt"] = round(guarded["mean_heads_dense"], 3)
+            rows[config]["heads_dense_share"] = (round(guarded["fraction_dense"], 4)
+                                                 if guarded["fraction_dense"] is not None else None)
     speed = {config: {"prefill": [], "decode": [], "kv": 0, "peak": 0.0, "stats": {}, "tokens": []} for config in order}
     for rep in range(repeats + 1):  # round 0 warms up and is not counted
         for config in order:
             loaded = combined_model if config == "combined" else base
             say(f"speed {'warm-up' if rep == 0 else f'{rep}/{repeats}'}: {config}, {len(prompts[:speed_prompts])} "
                 f"prompts x {decode_tokens} tokens")
-            undo, runtime, _ = _apply(config, loaded, *profiles[config])
+            undo, runtime, _ = _apply(config, loaded, *profiles[config], guard=recall_guard)
             clock = ForwardClock()
             handles = clock.attach(loaded.model)
             try:
@@ -325,7 +349,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of :func:`bench_e2e` rows."""
     cols = ["config", "accuracy", "prefill_ms", "prefill_speedup", "decode_tokens_per_s", "decode_speedup",
             "decode_vs_static", "decode_agreement", "kv_cache_mib", "kv_ratio", "peak_mib", "image_tokens",
-            "core_neurons"]
+            "core_neurons", "heads_dense_per_prompt"]
+    if not any(r.get("heads_dense_per_prompt") is not None for r in rows):
+        cols.remove("heads_dense_per_prompt")
     if not any(r.get("decode_vs_static") for r in rows):
         cols.remove("decode_vs_static")
 
