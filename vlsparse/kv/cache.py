@@ -36,7 +36,7 @@ class InPlaceLayer(_Base):
 
     is_compileable = False
     is_sliding = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, chunk: int = 128) -> None:
         super().__init__()
@@ -69,6 +69,35 @@ class InPlaceLayer(_Base):
 
     def held_nbytes(self) -> int:
         return held_bytes(self.key_buffer.tensors() + self.value_buffer.tensors())
+
+    def _rewrite(self, keys: Tensor, values: Tensor) -> None:
+        """Hold ``keys``/``values`` [B, H, n, D] instead (beam search and batch edits: rare, so copied)."""
+        chunk = self.key_buffer.chunk
+        self.key_buffer, self.value_buffer = GrowingBuffer(chunk), GrowingBuffer(chunk)
+        self.keys, self.values = self.key_buffer.append(keys), self.value_buffer.append(values)
+
+    def reorder_cache(self, beam_idx) -> None:
+        if self.key_buffer.length:
+            index = beam_idx.to(self.keys.device)
+            self._rewrite(self.keys.index_select(0, index), self.values.index_select(0, index))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.key_buffer.length:
+            self._rewrite(self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices) -> None:
+        if self.key_buffer.length:
+            self._rewrite(self.keys[indices], self.values[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, not {tokens_to_remove}")
+        if tokens_to_remove == 0 or not self.key_buffer.length:
+            return
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer.length = max(buffer.length + tokens_to_remove, 0)
+        self.keys, self.values = self.key_buffer.view(), self.value_buffer.view()
 
 
 @dataclass
@@ -159,6 +188,26 @@ class CompressedLayer(_Base):
 
     def reset(self) -> None:
         self.store, self.plain, self.seen, self.is_initialized = None, None, 0, False
+
+    def _batch_edit(self, name: str, *args) -> None:
+        """Beam search and batch edits: a batch is held in place (``plain``); a compressed store holds one
+        sequence, which a batch-1 edit leaves as it is."""
+        if self.plain is not None:
+            getattr(self.plain, name)(*args)
+        elif self.store is not None and name != "reorder_cache":
+            raise NotImplementedError(f"{name} on a compressed KV cache of one sequence; decode with --kv fp")
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._batch_edit("reorder_cache", beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_edit("batch_repeat_interleave", repeats)
+
+    def batch_select_indices(self, indices) -> None:
+        self._batch_edit("batch_select_indices", indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._batch_edit("crop", tokens_to_remove)
 
     def held_nbytes(self) -> int:
         if self.plain is not None:
