@@ -95,7 +95,8 @@ class SparseRuntime:
 
 def _dense(module, query, key, value, attention_mask, **kwargs):
     if (query.shape[2] == 1 and attention_mask is None and kwargs.get("softcap") is None
-            and not getattr(module, "training", False)):  # a decode step that sees every held key
+            and kwargs.get("s_aux") is None and getattr(module, "sinks", None) is None
+            and not getattr(module, "training", False)):  # a plain decode step that sees every held key
         scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
         return decode_attention(query, key, value, scale), None
     return sdpa_attention(module, query, key, value, attention_mask, **kwargs)

@@ -225,6 +225,9 @@ def attend_handle(module, query: Tensor, handle: KVHandle, value, attention_mask
     not in sequence order.
     """
     scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise RuntimeError("this model's attention has learnt sinks, which a compressed KV cache does not read; "
+                           "decode with the fp cache")
     if handle.prefill:
         out = attention(module, query, handle.keys, handle.values, attention_mask, **kwargs)
         handle.layer.finish_prefill(query, handle.keys, handle.values, scale)
