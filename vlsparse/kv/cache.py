@@ -195,7 +195,10 @@ class CompressedLayer(_Base):
         if self.plain is not None:
             getattr(self.plain, name)(*args)
         elif self.store is not None and name != "reorder_cache":
-            raise NotImplementedError(f"{name} on a compressed KV cache of one sequence; decode with --kv fp")
+            from vlsparse.errors import InputError, param
+
+            raise InputError(f"a compressed KV cache holds one sequence and cannot {name.replace('_', ' ')}",
+                             f"decode with {param('kv', 'fp')}, or generate without beams or assistants")
 
     def reorder_cache(self, beam_idx) -> None:
         self._batch_edit("reorder_cache", beam_idx)
