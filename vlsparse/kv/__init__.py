@@ -22,10 +22,9 @@ the store from the plan (``vlsparse.kv.plan.build_store``).
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-from vlsparse.errors import InputError
+from vlsparse.registry import module_named, modules_of
 from vlsparse.kv.plan import KVContext, KVPlan
 
 METHOD_NAMES = ("fp", "uniform", "zipvl", "snapkv")
@@ -35,13 +34,10 @@ __all__ = ["INTERFACE", "KVContext", "KVPlan", "METHOD_NAMES", "method_named", "
 
 
 def methods() -> dict[str, ModuleType]:
-    """A fresh dict ``name -> method module``."""
-    return {name: importlib.import_module(f"vlsparse.kv.{name}") for name in METHOD_NAMES}
+    """A fresh dict ``name -> method module`` (modules are imported on first call)."""
+    return modules_of("vlsparse.kv", METHOD_NAMES)
 
 
 def method_named(name: str) -> ModuleType:
-    """The KV method module called ``name`` (case-insensitive); ``InputError`` naming the known ones otherwise."""
-    key = str(name).strip().lower()
-    if key not in METHOD_NAMES:
-        raise InputError(f"unknown KV cache method {name!r}", f"choose one of: {', '.join(METHOD_NAMES)}")
-    return importlib.import_module(f"vlsparse.kv.{key}")
+    """The method module called ``name`` (case-insensitive); ``InputError`` naming the known ones otherwise."""
+    return module_named("vlsparse.kv", METHOD_NAMES, name, "KV cache method")

@@ -45,10 +45,9 @@ every non-image position plus ``image_positions[sel.kept]``, and write ``sel.mer
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-from vlsparse.errors import InputError
+from vlsparse.registry import module_named, modules_of
 from vlsparse.tokens.context import BEFORE_LM, AttentionSpec, Selection, Stage, TokenContext, count_for
 
 METHOD_NAMES = ("fastv", "pyramiddrop", "feather", "zipvl", "visionzip", "divprune", "todre")
@@ -60,12 +59,9 @@ __all__ = ["BEFORE_LM", "AttentionSpec", "INTERFACE", "METHOD_NAMES", "Selection
 
 def methods() -> dict[str, ModuleType]:
     """A fresh dict ``name -> method module`` (modules are imported on first call)."""
-    return {name: importlib.import_module(f"vlsparse.tokens.{name}") for name in METHOD_NAMES}
+    return modules_of("vlsparse.tokens", METHOD_NAMES)
 
 
 def method_named(name: str) -> ModuleType:
     """The method module called ``name`` (case-insensitive); ``InputError`` naming the known ones otherwise."""
-    key = str(name).strip().lower()
-    if key not in METHOD_NAMES:
-        raise InputError(f"unknown token-reduction method {name!r}", f"choose one of: {', '.join(METHOD_NAMES)}")
-    return importlib.import_module(f"vlsparse.tokens.{key}")
+    return module_named("vlsparse.tokens", METHOD_NAMES, name, "token-reduction method")
