@@ -33,6 +33,8 @@ Examples:
 
   vlsparse bench attention --seq 8192,32768 --densities 0.1 --flex --load 2
 
+  vlsparse bench attention --seq 8192 --densities 0.1 --load 2 --load-kind python
+
   vlsparse bench attention --seq 32768 --patterns block_sparse --densities 0.05,0.1 --json
 """
 
@@ -53,8 +55,11 @@ def attention_command(
                                                         "use with --threads 1).")] = "wall",
     flex: Annotated[bool, typer.Option("--flex", help="Also time compiled flex_attention (compiles ~30 s per length).")]
     = False,
-    load: Annotated[int, typer.Option("--load", help="Busy processes (one-thread fp32 matmul loops) running while "
-                                                     "timing, to reproduce a shared machine.", min=0)] = 0,
+    load: Annotated[int, typer.Option("--load", help="Busy processes running while timing, to reproduce a shared "
+                                                     "machine.", min=0)] = 0,
+    load_kind: Annotated[str, typer.Option("--load-kind", help="What each busy process runs: matmul (one-thread "
+                                                               "fp32 matmuls) or python (a pure Python loop).")]
+    = "matmul",
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -78,6 +83,7 @@ def attention_command(
     say = None if quiet or json_out else (lambda msg: typer.echo(msg, err=True))
     rows = bench_attention(parse_ints(seq, "seq"), chosen, parse_fractions(densities, "densities"), heads=heads,
                            kv_heads=kv_heads or None, head_dim=head_dim, repeats=repeats, flex=flex, load=load,
+                           load_kind=load_kind,
                            seed=seed, clock=clock, progress=say)
     typer.echo(json.dumps(rows, indent=2) if json_out else format_table(rows))
 

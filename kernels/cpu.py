@@ -20,9 +20,10 @@ log-sum-exp) batches of 64-row query blocks, in three steps:
    them in with two plain matmuls over all their query rows; the others get their token rows
    gathered, grouped by count rounded up to ``quantum``, with a ``[G, 1, 1, L]`` key-padding mask.
 
-GQA: every read goes to KV head ``h // group`` directly. Computes in fp32 by default. Large
-calls cut the query blocks into one consecutive part per torch thread and run each part, steps
-1-3, in its own thread (:func:`_run_in_threads`).
+GQA: every read goes to KV head ``h // group`` directly. Computes in fp32 by default. Calls
+cut the query blocks into one consecutive part per torch thread and run each part, steps 1-3,
+in its own thread (:func:`_run_in_threads`): no barrier after every small call, which is what
+keeps the speed when other processes share the cores.
 Measured (2 cores, D=64): gathered windows ran at ~75% of the in-place speed; compiled
 ``flex_attention`` (below) was ~1.4x slower on block-sparse lists and ~6x slower on
 vertical-slash lists (exact columns make most blocks partial), so it is not the default.
@@ -352,7 +353,7 @@ def _attend_blocks(qf: Tensor, kf: Tensor, vf: Tensor, blocks: _Blocks, out: Ten
 def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, scale: float, *,
                          threads: int | None = None, quantum: int = 64, workspace_mb: float = 4.0,
                          min_batch: int = 16, min_run: int = 4, min_group: int = 4, long_run: int = 16,
-                         min_share: int = 16, parallel_min_keys: int = 800_000,
+                         min_share: int = 16, parallel_min_keys: int = 0,
                          compute_dtype: torch.dtype = torch.float32) -> Tensor:
     """Sparse prefill attention on CPU (see the module docstring).
 
@@ -360,10 +361,13 @@ def sparse_attention_cpu(q: Tensor, k: Tensor, v: Tensor, index: SparseIndex, sc
     (windows in [0, r0], the diagonal last; columns before the block). ``threads`` (default:
     ``torch.get_num_threads()``): when the lists hold at least ``parallel_min_keys`` keys
     (summed over query blocks: 8 heads at 10% density hold ~0.4M at 8k tokens, ~1M at 12k,
-    ~6.7M at 32k), the query blocks are cut into this many consecutive parts of about equal
-    work, each run in its own thread with one torch thread; below that one sequence of calls
-    uses torch's threads (``benchmarks/cpu_split.py``, 2 cores: the split was 1.16-1.22x faster
-    at 32k, 1.12-1.14x at 12k and 0.93-1.03x at 8k). ``quantum``: the
+    ~6.7M at 32k; default 0: always), the query blocks are cut into this many consecutive parts
+    of about equal work, each run in its own thread with one torch thread; below that one
+    sequence of calls uses torch's threads (``benchmarks/cpu_split.py``, 2 cores: the split was
+    1.16-1.22x faster at 32k, 1.12-1.14x at 12k and 0.93-1.03x at 8k on an idle machine). With
+    two busy processes on the 2 cores, torch's threads meet at a barrier after every small call
+    and wait for whichever core is taken: at 8k the one sequence took 310-558 ms against 127-216
+    ms split (A-shape, block-sparse, vertical-slash at 10%), so the split is the default. ``quantum``: the
     gathered rest is padded to a multiple of this; ``workspace_mb``: size of each gathered
     K / V buffer (small enough to stay in cache), grown so that blocks with the longest window
     lists still go ``min_batch`` at a time (fewer, larger kernel calls: 1.06x faster at 32k

@@ -75,18 +75,19 @@ def test_no_load_starts_nothing_and_bad_input_names_the_parameter():
         pass
 
 
-def test_bench_attention_runs_under_load_and_times_flex_in_the_same_rows(monkeypatch):
+def test_bench_attention_runs_under_load_and_times_flex_in_the_same_rows():
     from vlsparse.bench import attention as bench
 
     seen_alive: list[int] = []
-    monkeypatch.setattr(bench, "busy_processes", lambda n: busy_processes(n, "python"))  # no torch import per worker
     rows = bench.bench_attention([256], ["vertical_slash", "a_shape"], [0.3], heads=2, head_dim=32, repeats=1,
-                                 flex=True, load=2, progress=lambda _msg: seen_alive.append(_workers_alive()))
+                                 flex=True, load=2, load_kind="python",  # no torch import per worker
+                                 progress=lambda _msg: seen_alive.append(_workers_alive()))
     assert seen_alive[0] == 0 and len(seen_alive) > 1  # "starting 2 busy processes", then the rows' messages
     assert all(count == 2 for count in seen_alive[1:])  # both workers ran through every row
     assert _workers_alive() == 0
     for row in rows:
-        assert row["load"] == 2 and row["max_abs_err"] < 1e-5 and row["flex_max_abs_err"] < 1e-5
+        assert row["load"] == 2 and row["load_kind"] == "python"
+        assert row["max_abs_err"] < 1e-5 and row["flex_max_abs_err"] < 1e-5
         # the ms columns are rounded to 0.01 ms, a large share of a 256-token time: the ratios (from the
         # unrounded times) agree with them only that far
         assert row["flex_speedup"] == pytest.approx(row["dense_ms"] / row["flex_ms"], rel=0.3, abs=0.05)

@@ -18,7 +18,7 @@ fp32), side by side:
   ``sparse_vs_flex`` = flex / sparse time (above 1: our path is faster);
 - ``max_abs_err`` (``flex_max_abs_err``): against a dense masked fp32 reference on ``error_rows``
   sampled rows per head (all rows when N <= 2048);
-- ``load``: busy processes running meanwhile (``vlsparse.bench.load``: one-thread fp32 matmul
+- ``load``, ``load_kind``: busy processes running meanwhile (``vlsparse.bench.load``: one-thread fp32 matmul
   loops, started before the first length and stopped after the last), to reproduce a shared machine.
 
 Timings are the median of ``repeats`` runs after one warm-up, on the wall clock or (``clock=
@@ -166,11 +166,13 @@ def _flex_columns(dense_s: float, sparse_s: float, flex_s: float, density: float
 def bench_attention(seqs: Sequence[int] = (4096, 8192, 16384, 32768),
                     patterns: Sequence[str] = BENCH_PATTERNS, densities: Sequence[float] = (0.05, 0.1, 0.25), *,
                     heads: int = 8, kv_heads: int | None = None, head_dim: int = 64, repeats: int = 3,
-                    flex: bool = False, load: int = 0, error_rows: int = 256, seed: int = 0, clock: str = "wall",
+                    flex: bool = False, load: int = 0, load_kind: str = "matmul", error_rows: int = 256, seed: int = 0,
+                    clock: str = "wall",
                     progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measure every (length, pattern, density); one dict per row (keys in the module docstring).
 
-    ``load``: busy processes kept running for the whole measurement (0: none)."""
+    ``load``: busy processes kept running for the whole measurement (0: none), of ``load_kind``
+    (``vlsparse.bench.load.KINDS``: one-thread fp32 matmuls, or a pure Python loop)."""
     kv_heads = heads if kv_heads is None else kv_heads
     longest = max(seqs, default=0)  # the estimate grows with N: the longest decides, before any tensor exists
     check_fits(bench_bytes(longest, heads, kv_heads, head_dim, patterns, densities, error_rows, flex=flex),
@@ -179,9 +181,12 @@ def bench_attention(seqs: Sequence[int] = (4096, 8192, 16384, 32768),
     say = progress or (lambda _msg: None)
     if load:
         say(f"starting {load} busy process{'es' if load > 1 else ''}")
-    with busy_processes(load):
-        return [row for n in seqs for row in _bench_length(n, patterns, densities, heads, kv_heads, head_dim,
+    with busy_processes(load, load_kind):
+        rows = [row for n in seqs for row in _bench_length(n, patterns, densities, heads, kv_heads, head_dim,
                                                             repeats, flex, load, error_rows, seed, clock, say)]
+    for row in rows:
+        row["load_kind"] = load_kind if load else None
+    return rows
 
 
 def _bench_length(n: int, patterns: Sequence[str], densities: Sequence[float], heads: int, kv_heads: int,
