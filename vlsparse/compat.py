@@ -108,16 +108,25 @@ def _tensor_bytes(value: Any) -> int:
 
 
 def cache_layer_base() -> type:
-    """transformers' base class of one layer's KV cache (``cache_utils.CacheLayerMixin``).
+    """A base class for one layer of KV cache: transformers' ``cache_utils.CacheLayerMixin`` (``Cache`` treats
+    a layer that is not one as a linear-attention layer), with its maximum-length method under both of its
+    names (``get_max_cache_shape`` up to 5.2x, ``get_max_length`` since), answered by ``get_max_length``.
 
     A subclass implements ``lazy_initialization``, ``update(keys, values) -> (keys, values)`` (what the
     attention function receives), ``get_seq_length`` (tokens seen: positions count from it),
     ``get_mask_sizes(query_length) -> (kv_length, kv_offset)`` (the keys the attention reads) and
-    ``get_max_length``; ``Cache`` treats a layer that is not such a subclass as a linear-attention layer.
+    ``get_max_length`` (-1: no maximum). Call it once per module that subclasses it.
     """
     from transformers.cache_utils import CacheLayerMixin
 
-    return CacheLayerMixin
+    class CacheLayer(CacheLayerMixin):
+        def get_max_length(self) -> int:
+            return -1
+
+        def get_max_cache_shape(self) -> int:
+            return self.get_max_length()
+
+    return CacheLayer
 
 
 def replace_full_attention_layers(cache: Any, make_layer: Callable[[int], Any], num_layers: int,

@@ -59,9 +59,6 @@ class InPlaceLayer(_Base):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.key_buffer.length + query_length, 0
 
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.key_buffer, self.value_buffer = GrowingBuffer(self.key_buffer.chunk), GrowingBuffer(self.value_buffer.chunk)
         self.keys = self.values = None
@@ -182,9 +179,6 @@ class CompressedLayer(_Base):
         if self.plain is not None:
             return self.plain.get_mask_sizes(query_length)
         return (self.store.length if self.store is not None else 0) + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.store, self.plain, self.seen, self.is_initialized = None, None, 0, False
