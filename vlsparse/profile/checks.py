@@ -175,6 +175,31 @@ def block_size(mapping: dict, where: str) -> int:
     return value
 
 
+def method_params(section: dict, where: str, method: Any, check: Any, excluded: tuple[str, ...] = ()) -> dict:
+    """The ``params`` mapping of a profile section naming a registered ``method`` module (``tokens``, ``kv``):
+    each key one of ``method.DEFAULTS`` (less ``excluded``, which the section holds elsewhere), each value
+    one that ``check(key, value)`` passes (it returns None, or what the value should be); else ``ProfileError``."""
+    params = section.get("params") or {}
+    if not isinstance(params, dict):
+        raise ProfileError(f"{where}.params should be a mapping, got {describe(params)}")
+    for key, value in params.items():
+        if key not in method.DEFAULTS or key in excluded:
+            known = ", ".join(sorted(k for k in method.DEFAULTS if k not in excluded)) or "none"
+            raise ProfileError(f"{where}.params: {method.NAME} has no parameter {describe(key)} "
+                               f"(its parameters: {known})")
+        wanted = check(key, value)
+        if wanted is not None:
+            raise ProfileError(f"{where}.params.{key} should be {wanted}, got {describe(value)}")
+    return params
+
+
+def optional_mappings(section: dict, where: str, keys: tuple[str, ...]) -> None:
+    """``ProfileError`` unless each of ``keys`` in ``section`` is absent, null or a mapping."""
+    for key in keys:
+        if section.get(key) is not None and not isinstance(section[key], dict):
+            raise ProfileError(f"{where}.{key} should be a mapping, got {describe(section[key])}")
+
+
 def plain_data(value: Any, where: str) -> None:
     """Free-form sections (``pruning``, ``core``): only mappings, lists, strings, numbers, booleans and nulls,
     at most ``MAX_YAML_DEPTH`` deep and ``MAX_YAML_NODES`` large (an explicit stack: no recursion)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlsparse.errors import InputError, ProfileError
-from vlsparse.profile.checks import describe
+from vlsparse.profile.checks import describe, method_params, optional_mappings
 
 KV_VERSION = 1
 
@@ -63,20 +63,9 @@ def kv_settings(section: Any) -> KVSettings:
     name = section.get("method")
     if not isinstance(name, str) or name not in METHOD_NAMES:
         raise ProfileError(f"kv.method {describe(name)} is unknown (known: {', '.join(METHOD_NAMES)})")
-    params = section.get("params") or {}
-    if not isinstance(params, dict):
-        raise ProfileError(f"kv.params should be a mapping, got {describe(params)}")
     method = method_named(name)
-    for key, value in params.items():
-        if key not in method.DEFAULTS:
-            known = ", ".join(sorted(method.DEFAULTS)) or "none"
-            raise ProfileError(f"kv.params: {name} has no parameter {describe(key)} (its parameters: {known})")
-        wanted = _param_ok(key, value)
-        if wanted is not None:
-            raise ProfileError(f"kv.params.{key} should be {wanted}, got {describe(value)}")
-    for key in ("guard", "calibration"):
-        if section.get(key) is not None and not isinstance(section[key], dict):
-            raise ProfileError(f"kv.{key} should be a mapping, got {describe(section[key])}")
+    params = method_params(section, "kv", method, _param_ok)
+    optional_mappings(section, "kv", ("guard", "calibration"))
     return KVSettings(method=name, params={**method.DEFAULTS, **params})
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlsparse.errors import InputError, ProfileError
-from vlsparse.profile.checks import describe
+from vlsparse.profile.checks import describe, method_params, optional_mappings
 
 TOKENS_VERSION = 1
 _RECALIBRATE = "recalibrate with `vlsparse calibrate --tokens METHOD`"
@@ -106,17 +106,8 @@ def token_settings(section: Any, num_layers: int) -> TokenSettings:
     keep = section.get("keep")
     if not _is_number(keep) or not 0 < keep <= 1:
         raise ProfileError(f"tokens.keep should be a number in (0, 1], got {describe(keep)}")
-    params = section.get("params") or {}
-    if not isinstance(params, dict):
-        raise ProfileError(f"tokens.params should be a mapping, got {describe(params)}")
     method = method_named(name)
-    for key, value in params.items():
-        if key not in method.DEFAULTS or key == "keep":
-            known = ", ".join(sorted(k for k in method.DEFAULTS if k != "keep"))
-            raise ProfileError(f"tokens.params: {name} has no parameter {describe(key)} (its parameters: {known})")
-        wanted = _param_ok(key, value)
-        if wanted is not None:
-            raise ProfileError(f"tokens.params.{key} should be {wanted}, got {describe(value)}")
+    params = method_params(section, "tokens", method, _param_ok, excluded=("keep",))
     schedule = _schedule_of(method, num_layers, float(keep), params)
     recorded = section.get("schedule")
     if recorded is not None:
@@ -129,9 +120,7 @@ def token_settings(section: Any, num_layers: int) -> TokenSettings:
         if not same:
             raise ProfileError(f"tokens.schedule is not the one {name} gives for this model with these "
                                f"parameters ({schedule_text(schedule)})", _RECALIBRATE)
-    for key in ("guard", "calibration"):
-        if section.get(key) is not None and not isinstance(section[key], dict):
-            raise ProfileError(f"tokens.{key} should be a mapping, got {describe(section[key])}")
+    optional_mappings(section, "tokens", ("guard", "calibration"))
     return TokenSettings(method=name, keep=float(keep), params=dict(params), schedule=schedule)
 
 
