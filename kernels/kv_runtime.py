@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from vlsparse import compat
 from vlsparse.compat import cache_length, cache_of_call
-from vlsparse.kv import method_named
 from vlsparse.kernels.runtime import ATTENTION_NAME, KV_ATTR, RUNTIME_ATTR, observed, register_attention
+from vlsparse.kernels.token_drop import span_mask
+from vlsparse.kv import method_named
 from vlsparse.kv.cache import CompressedLayer, InPlaceLayer
 
 
@@ -78,10 +78,7 @@ def _prefill_hook(runtime: KVRuntime, adapter, num_layers: int, self_attention: 
             return None
         runtime.image_mask = None
         if adapter.is_vlm and ids is not None and ids.shape[0] == 1:
-            mask = torch.zeros(ids.shape[-1], dtype=torch.bool)
-            for span in adapter.image_spans(kwargs):
-                mask[span.start: span.end] = True
-            runtime.image_mask = mask
+            runtime.image_mask = span_mask(adapter.image_spans(kwargs), ids.shape[-1])
         runtime.layers = []
 
         def make(index: int):

@@ -54,22 +54,20 @@ def last_block_keys(index: SparseIndex, n: int) -> Tensor:
 def last_block_recall(query: Tensor, key: Tensor, index: SparseIndex, scale: float, stride: int = ROW_STRIDE
                       ) -> Tensor:
     """[H]: each query head's causal attention mass inside its lists over the last query block's rows
-    (mean over rows, lowest over the batch). ``query`` [B, H, N, D], ``key`` [B, Hkv, N, D]: each KV head
-    is read once for its query heads, not repeated. Every ``stride``-th row of the block is read (counted
-    back from the last row), when that still leaves 16 rows or more: an estimate at a quarter of the cost."""
-    b, h, n, d = query.shape
-    heads = key.shape[1]
+    (mean over rows, lowest over the batch), from ``vlsparse.tokens.attention.attention_received`` (each
+    KV head read once for its query heads). ``query`` [B, H, N, D], ``key`` [B, Hkv, N, D]. Every
+    ``stride``-th row of the block is read (counted back from the last row), when that still leaves 16
+    rows or more: an estimate at a quarter of the cost."""
+    from vlsparse.tokens.attention import attention_received
+
+    n = query.shape[2]
     start = (n - 1) // index.block_size * index.block_size
     step = stride if (n - start) // stride >= 16 else 1
-    positions = torch.arange(n - 1, start - 1, -step, device=query.device).flip(0)
-    rows = positions.numel()
-    q = query[:, :, positions].float().reshape(b, heads, h // heads * rows, d)
-    scores = (q @ key.float().transpose(-1, -2)).mul_(scale).view(b, h, rows, n)
-    later = torch.arange(start, n, device=query.device)[None, :] > positions[:, None]  # [rows, n - start]
-    scores[..., start:].masked_fill_(later, float("-inf"))
-    probs = scores.softmax(-1)
-    inside = torch.einsum("bhrn,bhn->bhr", probs, last_block_keys(index, n).to(probs.dtype))
-    return inside.mean(-1).min(0).values
+    rows = torch.arange(n - 1, start - 1, -step, device=query.device).flip(0)
+    listed = last_block_keys(index, n).float()  # [B, H, N]
+    inside = torch.stack([(attention_received(query[i], key[i], scale, rows) * listed[i]).sum(-1)
+                          for i in range(query.shape[0])]) / rows.numel()
+    return inside.min(0).values
 
 
 def heads_to_fall_back(recall: Tensor, target: float | Tensor) -> list[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -54,17 +53,14 @@ class KVPlan:
 
 def window_attention(query: Tensor, key: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
     """(received [heads_kv, n], visible [n]) for the last ``window`` queries of ``query`` [heads_q, n, dim]
-    over ``key`` [heads_kv, n, dim], causal (see ``KVContext``)."""
-    heads_q, n, dim = query.shape
+    over ``key`` [heads_kv, n, dim], causal (see ``KVContext``), by ``vlsparse.tokens.attention``."""
+    from vlsparse.tokens.attention import attention_received, visible_row_counts
+
+    heads_q, n, _ = query.shape
     heads = key.shape[0]
-    w = min(window, n)
-    q = query[:, n - w:].float().reshape(heads, heads_q // heads * w, dim)
-    logits = (q @ key.float().transpose(1, 2)) * scale
-    rows = torch.arange(w).repeat(heads_q // heads)[:, None] + (n - w)
-    logits = logits.masked_fill(torch.arange(n)[None, :] > rows, -math.inf)
-    received = torch.softmax(logits, -1).sum(1)
-    visible = (n - torch.arange(n)).clamp(max=w).float()
-    return received, visible
+    rows = torch.arange(max(n - window, 0), n)
+    received = attention_received(query, key, scale, rows).view(heads, heads_q // heads, n).sum(1)
+    return received, visible_row_counts(rows, n).float()
 
 
 def build_store(keys: Tensor, values: Tensor, plan: KVPlan, residual: int) -> CompressedStore:

@@ -52,7 +52,6 @@ def attention_received(q: Tensor, k: Tensor, scale: float, rows: Tensor, *, keys
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
         raise ValueError(f"query rows must lie in [0, {n})")
     group = heads // kv_heads
-    qf = q.float().reshape(kv_heads, group, n, dim)
     kf = k.float()
     positions = torch.arange(n, device=q.device)
     allowed_keys = torch.ones(n, dtype=torch.bool, device=q.device)
@@ -63,11 +62,16 @@ def attention_received(q: Tensor, k: Tensor, scale: float, rows: Tensor, *, keys
     total = torch.zeros(kv_heads, group, n, dtype=torch.float32, device=q.device)
     for start in range(0, rows.numel(), block):
         chunk = rows[start:start + block]
-        scores = torch.einsum("kgbd,knd->kgbn", qf[:, :, chunk], kf) * scale
-        visible = (positions[None, :] <= chunk[:, None]) & allowed_keys[None, :]  # [B, N]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0)  # a row that sees no allowed key contributes nothing
+        rows_q = q[:, chunk].float().reshape(kv_heads, group * chunk.numel(), dim)  # only the rows asked for
+        scores = (rows_q @ kf.transpose(1, 2)).mul_(scale).view(kv_heads, group, chunk.numel(), n)
+        if keys is None:  # every key before the earliest row is visible to all: mask only the columns after it
+            first = int(chunk.min())
+            scores[..., first:].masked_fill_(positions[None, first:] > chunk[:, None], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)  # each row sees at least itself
+        else:
+            visible = (positions[None, :] <= chunk[:, None]) & allowed_keys[None, :]  # [B, N]
+            probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)
+            probs = torch.nan_to_num(probs, nan=0.0)  # a row that sees no allowed key contributes nothing
         total += probs.sum(dim=2)
     total = total.reshape(heads, n)
     if reduce == "mean" and rows.numel():
