@@ -97,7 +97,7 @@ def _dense(module, query, key, value, attention_mask, **kwargs):
     if (query.shape[2] == 1 and attention_mask is None and kwargs.get("softcap") is None
             and kwargs.get("s_aux") is None and getattr(module, "sinks", None) is None
             and not getattr(module, "training", False)):  # a plain decode step that sees every held key
-        scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        scale = compat.attention_scale(module, query, kwargs)
         return decode_attention(query, key, value, scale), None
     return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
@@ -171,7 +171,7 @@ def _attention(module, query, key, value, attention_mask, **kwargs) -> tuple[tor
 
     heads = runtime.heads(layer)
     n = query.shape[2]
-    scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    scale = compat.attention_scale(module, query, kwargs)
     off_causal = off_causal_rows(attention_mask, n)
     if (all(h.pattern == "dense" for h in heads) or sum(h.density for h in heads) / len(heads) > runtime.dense_above
             or 2 * int(off_causal.sum()) > n):  # sparse rows the dense ones would overwrite: no gain

@@ -196,7 +196,7 @@ class TokenRuntime:
             n = drop.held()
             if query.shape[0] != 1 or query.shape[2] != n or key.shape[2] != n:
                 return
-            scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+            scale = compat.attention_scale(module, query, kwargs)
             image_mask = drop.current_image_mask().to(query.device)
             self.received[layer] = received_for(spec, query[0], key[0], float(scale), image_mask)
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from vlsparse.compat import register_attention, sdpa_attention
+from vlsparse.compat import attention_scale, register_attention, sdpa_attention
 from vlsparse.kernels.runtime import off_causal_rows
 
 CAPTURE_NAME = "vlsparse_capture"
@@ -46,13 +46,6 @@ def _implementations(config) -> str | dict:
     return {"": own, **subs} if subs else own
 
 
-def _scaling(module: nn.Module, query: torch.Tensor, kwargs: dict) -> float:
-    value = kwargs.get("scaling")
-    if value is None:
-        value = getattr(module, "scaling", None)
-    return float(value) if value is not None else query.shape[-1] ** -0.5
-
-
 @contextlib.contextmanager
 def capture_attention(model: nn.Module, modules: Sequence[nn.Module], callback: LayerCallback,
                       name: str = CAPTURE_NAME, on_mask: MaskCallback | None = None) -> Iterator[None]:
@@ -69,7 +62,7 @@ def capture_attention(model: nn.Module, modules: Sequence[nn.Module], callback: 
     def attention(module, query, key, value, attention_mask, **kwargs):
         layer = index.get(id(module))
         if layer is not None and query.shape[-2] > 1:
-            callback(layer, query, key, _scaling(module, query, kwargs))
+            callback(layer, query, key, attention_scale(module, query, kwargs))
             if on_mask is not None:
                 on_mask(layer, int(off_causal_rows(attention_mask, query.shape[-2]).sum()), query.shape[-2])
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)

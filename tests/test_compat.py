@@ -287,3 +287,24 @@ def test_cache_nbytes_counts_quantised_layers_inner_tensors():
         layers = [Layer()]
 
     assert compat.cache_nbytes(Cache()) == 96 + 18
+
+
+def test_attention_scale_reads_the_scale_transformers_hands_over(llama):
+    seen: list[float] = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append(compat.attention_scale(module, query, kwargs))
+        return compat.sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+    compat.register_attention("vlsparse_test_scale", recording)
+    before = compat.attn_implementation(llama)
+    llama.set_attn_implementation("vlsparse_test_scale")
+    try:
+        with torch.inference_mode():
+            llama(torch.tensor([[1, 5, 6]]))
+    finally:
+        llama.set_attn_implementation(before)
+    head_dim = llama.config.hidden_size // llama.config.num_attention_heads
+    assert seen == [head_dim ** -0.5] * llama.config.num_hidden_layers
+    assert compat.attention_scale(None, torch.zeros(1, 1, 1, 16), {"scaling": 0.5}) == 0.5
+    assert compat.attention_scale(None, torch.zeros(1, 1, 1, 16), {}) == 0.25  # no scale given: 1/sqrt(16)

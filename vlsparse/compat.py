@@ -138,10 +138,10 @@ def replace_full_attention_layers(cache: Any, make_layer: Callable[[int], Any], 
     are left alone); a cache that creates its layers on first use gets all ``num_layers`` now.
     Returns the replaced indices (none for a cache that holds tokens already or is not dynamic).
     """
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicCache, DynamicLayer
 
     layers = getattr(cache, "layers", None)
-    if layers is None or cache_length(cache) or type(cache).__name__ != "DynamicCache":
+    if type(cache) is not DynamicCache or layers is None or cache_length(cache):
         return []
     if not layers and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         layers.extend(DynamicLayer() for _ in range(num_layers))
@@ -171,6 +171,15 @@ def register_attention(name: str, function: Callable) -> None:
 def attn_implementation(model) -> str | None:
     """The attention implementation a model runs now (``config._attn_implementation``: "sdpa", "eager", ...)."""
     return getattr(model.config, "_attn_implementation", None)
+
+
+def attention_scale(module, query, kwargs: dict) -> float:
+    """The softmax scale of a registered attention call: its ``scaling`` keyword, else the module's
+    ``scaling`` attribute, else 1/sqrt(head dim)."""
+    value = kwargs.get("scaling")
+    if value is None:
+        value = getattr(module, "scaling", None)
+    return float(value) if value is not None else query.shape[-1] ** -0.5
 
 
 def sdpa_attention(module, query, key, value, attention_mask, **kwargs):

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from vlsparse.compat import cache_layer_base
+from vlsparse.compat import attention_scale, cache_layer_base
 from vlsparse.kv.plan import KVContext, build_store, window_attention
 from vlsparse.kv.quant import held_bytes
 from vlsparse.kv.store import CompressedStore, GrowingBuffer
@@ -221,7 +221,7 @@ def attend_handle(module, query: Tensor, handle: KVHandle, value, attention_mask
     answers; a mask hiding some held token (padding, a window) is refused, since the store's tokens are
     not in sequence order.
     """
-    scale = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    scale = attention_scale(module, query, kwargs)
     if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
         raise RuntimeError("this model's attention has learnt sinks, which a compressed KV cache does not read; "
                            "decode with the fp cache")
